@@ -1,0 +1,11 @@
+"""dsv3: a compact DeepSeek-V3 (MLA + DeepSeekMoE) for learning, training and playing.
+
+Public API: ModelConfig (and its presets), DeepSeekV3, ModelOutput, KVCache, count_params.
+"""
+
+from .config import PRESETS, ModelConfig
+from .mla import KVCache
+from .model import DeepSeekV3, ModelOutput, count_params
+
+__all__ = ["PRESETS", "ModelConfig", "DeepSeekV3", "ModelOutput", "KVCache", "count_params"]
+__version__ = "0.1.0"

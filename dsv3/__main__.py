@@ -1,0 +1,64 @@
+"""Command line: `python -m dsv3 <command> ...`.
+
+Commands: info (config and parameter counts). Each command's arguments are listed by
+`python -m dsv3 <command> --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_info(args) -> int:
+    from .config import ModelConfig
+    from .model import DeepSeekV3, count_params
+
+    import torch
+
+    cfg = ModelConfig.preset(args.preset)
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = DeepSeekV3(cfg)
+    counts = count_params(model)
+    cache = {"cache_values_per_token_per_layer": cfg.cache_values_per_token,
+             "cache_bytes_per_token_bf16": cfg.cache_values_per_token * cfg.n_layers * 2}
+    if args.json:
+        print(json.dumps({"preset": args.preset, "config": cfg.to_dict(), "params": counts, **cache}, indent=2))
+        return 0
+    print(f"preset {args.preset}")
+    for k, v in cfg.to_dict().items():
+        print(f"  {k:<22} {v}")
+    print("parameters")
+    for k, v in counts.items():
+        print(f"  {k:<22} {v:>13,}")
+    print(f"  {'active share':<22} {counts['active'] / counts['total']:>13.1%}")
+    print("kv cache")
+    print(f"  {'values/token/layer':<22} {cache['cache_values_per_token_per_layer']:>13,}")
+    print(f"  {'bytes/token (bf16)':<22} {cache['cache_bytes_per_token_bf16']:>13,}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import PRESETS
+
+    parser = argparse.ArgumentParser(prog="python -m dsv3", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="print a preset's config and parameter counts")
+    p.add_argument("--preset", default="174m", choices=list(PRESETS))
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

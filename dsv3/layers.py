@@ -1,0 +1,52 @@
+"""Building blocks shared by attention and feed-forward: RMSNorm, the SwiGLU `Expert`, RoPE.
+
+RoPE uses the half-split layout (rotate the first half of a vector against its second half, as
+LLaMA does); DeepSeek's reference code pairs adjacent values instead. The two differ only by a fixed
+permutation of the rope dimensions, which the Hugging Face export applies to the weights.
+Nothing here knows about configs, caches or training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight, computed in fp32 (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class Expert(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). The dense MLP and each shared expert."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate projection
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up projection
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down projection (a residual output)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def rope_cache(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_seq_len, head_dim // 2) for positions 0..max_seq_len-1."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., T, d) by position: cos/sin are (T, d/2) or (B, 1, T, d/2) for per-row positions."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)

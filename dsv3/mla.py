@@ -1,0 +1,149 @@
+"""Attention: Multi-Head Latent Attention (DeepSeek-V2 §2.1) and the GQA baseline, plus `KVCache`.
+
+MLA compresses each token's keys and values into one latent c_kv (kv_lora_rank values, eq. 9) and
+adds one decoupled RoPE key k_pe (qk_rope_head_dim values, eq. 15) projected from the hidden state
+and shared by every head. Only (c_kv, k_pe) is cached. Decoding can read the cache two ways:
+  naive    -- up-project the cached latent to per-head k_nope and v every step (eq. 10-11);
+  absorbed -- fold W_UK into the query and W_UV into the output (§2.1.2, DeepSeek's attn_impl="absorb"),
+              so attention runs directly against the latent and nothing is re-expanded.
+`GQA` (grouped-query attention, LLaMA style) is the dense baseline for the smollm2-135m preset.
+Masks, positions and the cache's bookkeeping are built by the model, not here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import RMSNorm, apply_rope
+
+
+class KVCache:
+    """Preallocated per-layer decoding cache.
+
+    For MLA it holds c_kv (n_layers, B, max_len, kv_lora_rank) and k_pe (n_layers, B, max_len, rope dim):
+    exactly kv_lora_rank + qk_rope_head_dim values per token per layer. For GQA it holds k and v.
+    `pos` counts the tokens already written; `key_mask` (B, max_len), when set, marks real tokens
+    (False = left padding that no query may attend to). `absorb` picks the MLA decode path.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, *, absorb: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        if not 1 <= max_len <= cfg.max_seq_len:
+            raise ValueError(f"cache length must be in [1, max_seq_len={cfg.max_seq_len}], got {max_len}")
+        if batch < 1:
+            raise ValueError(f"cache batch must be >= 1, got {batch}")
+        self.cfg, self.batch, self.max_len, self.absorb = cfg, batch, max_len, absorb
+        self.pos = 0
+        self.key_mask: torch.Tensor | None = None
+        L = cfg.n_layers
+        if cfg.attn == "mla":
+            self.c_kv = torch.zeros(L, batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
+            self.k_pe = torch.zeros(L, batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+            self.tensors = (self.c_kv, self.k_pe)
+        else:
+            shape = (L, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+            self.k = torch.zeros(shape, device=device, dtype=dtype)
+            self.v = torch.zeros(shape, device=device, dtype=dtype)
+            self.tensors = (self.k, self.v)
+
+    def bytes_per_token(self) -> int:
+        """Bytes one cached token occupies, summed over layers (measured from the tensors)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors) // (self.batch * self.max_len)
+
+
+class MLA(nn.Module):
+    """Multi-Head Latent Attention with decoupled RoPE."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.kv_lora_rank = cfg.n_heads, cfg.kv_lora_rank
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        q_out = cfg.n_heads * cfg.qk_head_dim
+        if cfg.q_lora_rank == 0:
+            self.wq = nn.Linear(cfg.dim, q_out, bias=False)  # W^Q and W^QR together
+        else:  # eq. 12-13: queries through their own low-rank latent c_q
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
+        # eq. 9 + eq. 15: one down-projection gives the latent c_kv and the shared RoPE key k_pe
+        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        # eq. 10-11: W^UK and W^UV stacked per head: rows [h, :nope] -> k_nope, rows [h, nope:] -> v
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+        self.scale = 1.0 / math.sqrt(cfg.qk_head_dim)  # softmax scale over nope + rope dims
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer_id: int = 0, mask=None):
+        B, T, _ = x.shape
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_nope, q_pe = q.view(B, T, self.n_heads, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        c_kv = self.kv_norm(c_kv)  # the latent is normalised before caching and up-projection
+        k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin).squeeze(1)  # (B, T, rope), shared by all heads
+        if cache is not None:
+            s = cache.pos
+            cache.c_kv[layer_id, :, s:s + T] = c_kv
+            cache.k_pe[layer_id, :, s:s + T] = k_pe
+            if mask is not None:  # attend over everything cached so far
+                c_kv = cache.c_kv[layer_id, :, :s + T].to(x.dtype)
+                k_pe = cache.k_pe[layer_id, :, :s + T].to(x.dtype)
+                if cache.absorb:
+                    return self.wo(self._absorbed(q_nope, q_pe, c_kv, k_pe, mask))
+        return self.wo(self._naive(q_nope, q_pe, c_kv, k_pe, mask))
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Up-project the latent to per-head keys and values, then standard attention."""
+        B, H, T, _ = q_nope.shape
+        S = c_kv.shape[1]
+        kv = self.wkv_b(c_kv).view(B, S, H, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, H, S, self.rope)], dim=-1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return o.transpose(1, 2).reshape(B, T, H * self.v_dim)
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Attention against the latent: q_nope W_UK scores c_kv directly; W_UV is applied after."""
+        B, H, T, _ = q_nope.shape
+        w = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, kv_lora_rank)
+        scores = q_lat @ c_kv.unsqueeze(1).transpose(-1, -2) + q_pe @ k_pe.unsqueeze(1).transpose(-1, -2)
+        scores = (scores.float() * self.scale).masked_fill(~mask, float("-inf"))
+        p = scores.softmax(dim=-1).to(c_kv.dtype)
+        o_lat = p @ c_kv.unsqueeze(1)  # (B, H, T, kv_lora_rank)
+        o = torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
+        return o.transpose(1, 2).reshape(B, T, H * self.v_dim)
+
+
+class GQA(nn.Module):
+    """Grouped-query attention with RoPE on full heads (the SmolLM2 / LLaMA baseline)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer_id: int = 0, mask=None):
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, -1).transpose(1, 2), cos, sin)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, -1).transpose(1, 2), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_heads, -1).transpose(1, 2)
+        if cache is not None:
+            s = cache.pos
+            cache.k[layer_id, :, :, s:s + T] = k
+            cache.v[layer_id, :, :, s:s + T] = v
+            if mask is not None:
+                k = cache.k[layer_id, :, :, :s + T].to(x.dtype)
+                v = cache.v[layer_id, :, :, :s + T].to(x.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,209 @@
+"""The DeepSeek-V3 language model: `Block`, `DeepSeekV3`, `ModelOutput`, `count_params`.
+
+A pre-norm decoder: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)), where Attn is MLA (or GQA for the
+dense baseline) and FFN is DeepSeekMoE (or a dense SwiGLU for the first n_dense_layers / the
+baseline). `forward(tokens, targets)` returns logits and, with targets, the losses
+loss = ce + aux_loss_coef * balance + z_loss_coef * z (router losses averaged over MoE layers).
+Targets are the next tokens, already shifted by the data pipeline; the model never shifts again.
+Incremental decoding goes through `new_cache()`; the model advances the cache's position.
+Nothing here knows about optimizers, data files or tokenizers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import Expert, RMSNorm, rope_cache
+from .mla import GQA, MLA, KVCache
+from .moe import MoE
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, vocab_size)
+    loss: torch.Tensor | None = None  # ce_loss + aux_loss + z_loss
+    ce_loss: torch.Tensor | None = None  # next-token cross-entropy (nats per token)
+    aux_loss: torch.Tensor | None = None  # aux_loss_coef * mean balance loss over MoE layers
+    z_loss: torch.Tensor | None = None  # z_loss_coef * mean router z-loss over MoE layers
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, cfg: ModelConfig):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg) if cfg.attn == "mla" else GQA(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else Expert(cfg.dim, cfg.dense_inter_dim)
+
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer_id, mask)
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoE):
+            y, balance, z = self.ffn(h)
+            return x + y, balance, z
+        return x + self.ffn(h), None, None
+
+
+class DeepSeekV3(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        rope_dim = cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.head_dim
+        cos, sin = rope_cache(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual outputs (wo, w2) scaled by 1/sqrt(2 n_layers) as in GPT-2."""
+        std = self.cfg.init_std
+        resid_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:  # RMSNorm weights
+                p.fill_(1.0)
+            else:
+                residual = name.endswith(("wo.weight", "w2.weight", ".w2"))
+                nn.init.normal_(p, mean=0.0, std=resid_std if residual else std)
+        for m in self.moe_layers():
+            m.gate.bias.zero_()
+
+    # --- helpers the trainer, generator and plots use ---
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
+
+    def expert_loads(self) -> torch.Tensor:
+        """(n_moe_layers, n_routed_experts) routed-slot counts of the last forward."""
+        layers = self.moe_layers()
+        if not layers:
+            return torch.zeros(0, 0)
+        return torch.stack([m.last_load for m in layers]).cpu()
+
+    def update_router_bias(self) -> None:
+        """Aux-loss-free balancing: apply each gate's bias update (call once per optimizer step)."""
+        for m in self.moe_layers():
+            m.gate.update_bias()
+
+    def new_cache(self, batch: int, max_len: int | None = None, *, absorb: bool = True,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.cfg, batch, max_len or self.cfg.max_seq_len, absorb=absorb,
+                       device=p.device, dtype=dtype or p.dtype)
+
+    # --- forward ---
+    def _check(self, tokens, targets, cache) -> None:
+        cfg = self.cfg
+        if not isinstance(tokens, torch.Tensor):
+            raise ValueError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must have dtype torch.long (or int32), got {tokens.dtype}")
+        if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
+            raise ValueError(f"tokens must have shape (batch, seq_len) with both >= 1, got {tuple(tokens.shape)}")
+        T = tokens.shape[1]
+        limit = cfg.max_seq_len if cache is None else cache.max_len - cache.pos
+        if T > limit:
+            where = f"max_seq_len={cfg.max_seq_len}" if cache is None else \
+                f"the cache's free space ({cache.max_len} - {cache.pos} = {limit})"
+            raise ValueError(f"sequence length {T} exceeds {where}")
+        if cache is not None and tokens.shape[0] != cache.batch:
+            raise ValueError(f"tokens batch {tokens.shape[0]} does not match the cache batch {cache.batch}")
+        if not torch.compiler.is_compiling():
+            lo, hi = tokens.min().item(), tokens.max().item()
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got min {lo}, max {hi}")
+        if targets is not None:
+            if not isinstance(targets, torch.Tensor) or targets.shape != tokens.shape:
+                got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+                raise ValueError(f"targets must be a tensor shaped like tokens {tuple(tokens.shape)}, got {got}")
+            if targets.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"targets must have dtype torch.long, got {targets.dtype}")
+
+    def _mask(self, cache: KVCache, T: int) -> torch.Tensor | None:
+        """Boolean (B|1, 1, T, pos+T) attention mask for a cached forward; None = plain causal prefill."""
+        start = cache.pos
+        if start == 0 and cache.key_mask is None:
+            return None
+        dev = self.rope_cos.device
+        q_pos = torch.arange(start, start + T, device=dev)
+        k_pos = torch.arange(start + T, device=dev)
+        mask = k_pos[None, :] <= q_pos[:, None]  # (T, S) causal
+        if cache.key_mask is not None:  # never attend to padding, but let every query see itself
+            mask = (mask & cache.key_mask[:, None, : start + T]) | (k_pos[None, :] == q_pos[:, None])
+            return mask[:, None]
+        return mask[None, None]
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> ModelOutput:
+        self._check(tokens, targets, cache)
+        T = tokens.shape[1]
+        start = cache.pos if cache is not None else 0
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        mask = self._mask(cache, T) if cache is not None else None
+        x = self.embed(tokens)
+        balances, zs = [], []
+        for block in self.layers:
+            x, balance, z = block(x, cos, sin, cache, mask)
+            if balance is not None:
+                balances.append(balance)
+                zs.append(z)
+        if cache is not None:
+            cache.pos += T
+        logits = self.head(self.norm(x))
+        if targets is None:
+            return ModelOutput(logits=logits)
+        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).long(), ignore_index=-100)
+        zero = ce.new_zeros(())
+        aux = self.cfg.aux_loss_coef * torch.stack(balances).mean() if balances else zero
+        z = self.cfg.z_loss_coef * torch.stack(zs).mean() if zs else zero
+        return ModelOutput(logits=logits, loss=ce + aux + z, ce_loss=ce, aux_loss=aux, z_loss=z)
+
+
+def count_params(model: DeepSeekV3) -> dict[str, int]:
+    """Parameter counts: total (tied weights once) and active per token, with a breakdown.
+
+    Active = total minus the routed experts a token does not use ((N_r - K_r) per MoE layer).
+    The embedding counts once: with tied weights it is the output head every token runs.
+    """
+    cfg = model.cfg
+    seen: set[int] = set()
+    parts = {"embedding": 0, "attention": 0, "routed_experts": 0, "shared_experts": 0, "dense_mlp": 0,
+             "router": 0, "norms": 0, "head": 0}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if name.startswith("embed"):
+            key = "embedding"
+        elif name.startswith("head"):
+            key = "head"
+        elif ".attn." in name:
+            key = "attention"
+        elif ".experts." in name:
+            key = "routed_experts"
+        elif ".shared_experts." in name:
+            key = "shared_experts"
+        elif ".gate." in name:
+            key = "router"
+        elif ".ffn." in name:
+            key = "dense_mlp"
+        else:
+            key = "norms"
+        parts[key] += p.numel()
+    total = sum(parts.values())
+    n_moe = len(model.moe_layers())
+    per_expert = 3 * cfg.dim * cfg.moe_inter_dim
+    inactive = n_moe * (cfg.n_routed_experts - cfg.n_activated_experts) * per_expert if n_moe else 0
+    return {"total": total, "active": total - inactive, **parts}

@@ -1,0 +1,153 @@
+"""DeepSeekMoE (DeepSeek-V3 §2.1.2): `Gate` (router), `RoutedExperts`, `MoE`, and the router losses.
+
+h'_t = u_t + sum_i FFN^(s)_i(u_t) + sum_i g_i,t FFN^(r)_i(u_t)                       (eq. 12)
+s_i,t = Softmax_i(u_t^T e_i) or Sigmoid(u_t^T e_i)                                  (eq. 15, V2 / V3)
+Top-k selection uses s_i,t + b_i (b = aux-loss-free bias, selection only, eq. 16); the gates g come
+from the unbiased s: renormalised over the top-k for sigmoid (eq. 13), not for softmax (V2), then
+times route_scale.
+Losses: balance loss alpha * N * sum_i f_i P_i (V2 eq. 23-25) and router z-loss
+mean_t logsumexp(logits_t)^2 (ST-MoE, Zoph et al. 2022).
+Dispatch sorts the (token, slot) pairs by expert so each expert runs one matmul on its own tokens
+(one `grouped_mm` for all experts where torch supports it); there is no per-token Python loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import Expert
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+def expert_load(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Number of routed slots each expert received (float, shape (n_experts,))."""
+    flat = indices.reshape(-1)
+    return torch.zeros(n_experts, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+
+
+def balance_loss(probs: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
+    """N * sum_i f_i * P_i (unweighted): f_i = share of routed slots on expert i, P_i = mean probability.
+
+    Equals 1 for perfectly uniform routing and N when every token picks the same expert with certainty.
+    `probs` are (tokens, N) router probabilities summing to 1 per token.
+    """
+    n = probs.shape[-1]
+    f = load / load.sum().clamp(min=1)
+    return n * (f * probs.mean(dim=0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """mean over tokens of logsumexp(router logits)^2 (unweighted)."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+class Gate(nn.Module):
+    """Router: affinity scores, (group-limited) top-k selection, gating weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.topk, self.n_experts = cfg.n_activated_experts, cfg.n_routed_experts
+        self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
+        self.score_func, self.norm, self.route_scale = cfg.score_func, cfg.topk_norm, cfg.route_scale
+        self.bias_update_speed = cfg.bias_update_speed
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))  # centroids e_i
+        # b_i of aux-loss-free balancing: saved with the model, changed only by update_bias()
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts), persistent=True)
+        # routed slots per expert since the last update_bias() (training only)
+        self.register_buffer("step_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor):
+        """x: (tokens, dim) -> gates (tokens, k), indices (tokens, k), probs (tokens, N), logits (tokens, N)."""
+        with torch.autocast(x.device.type, enabled=False):  # the router runs in fp32
+            logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
+        select = scores + self.bias  # the bias steers selection only
+        if self.n_groups > 1:  # keep the best n_limited_groups groups; mask the rest with -inf
+            grouped = select.view(x.shape[0], self.n_groups, -1)
+            group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+            keep = group_score.topk(self.topk_groups, dim=-1).indices
+            masked = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+            select = grouped.masked_fill(masked.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = select.topk(self.topk, dim=-1).indices
+        gates = scores.gather(1, indices)
+        if self.norm:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        gates = gates * self.route_scale
+        probs = scores if self.score_func == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
+        return gates, indices, probs, logits
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """b_i += speed * sign(mean load - load_i), once per optimizer step (DeepSeek-V3 §2.1.2)."""
+        if self.bias_update_speed > 0 and self.step_load.sum() > 0:
+            self.bias += self.bias_update_speed * torch.sign(self.step_load.mean() - self.step_load)
+        self.step_load.zero_()
+
+
+class RoutedExperts(nn.Module):
+    """N_r SwiGLU experts with stacked weights: w1, w3 (N, dim, inter) and w2 (N, inter, dim)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n, d, i = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+        self.w1 = nn.Parameter(torch.empty(n, d, i))  # gate projection of each expert
+        self.w3 = nn.Parameter(torch.empty(n, d, i))  # up projection
+        self.w2 = nn.Parameter(torch.empty(n, i, d))  # down projection (a residual output)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, load: torch.Tensor):
+        """x (tokens, dim); indices, gates (tokens, k); load (N,) slots per expert -> (tokens, dim)."""
+        k = indices.shape[1]
+        order = indices.reshape(-1).argsort(stable=True)  # (token, slot) pairs grouped by expert
+        token = order // k
+        xs = x[token]
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's list
+            dt = torch.get_autocast_dtype(x.device.type)
+            xs, w1, w2, w3 = xs.to(dt), w1.to(dt), w2.to(dt), w3.to(dt)
+        if _HAS_GROUPED_MM and (xs.device.type == "cpu" or xs.dtype == torch.bfloat16):
+            offs = load.cumsum(0).to(torch.int32)
+            h = F.silu(F.grouped_mm(xs, w1, offs=offs)) * F.grouped_mm(xs, w3, offs=offs)
+            ys = F.grouped_mm(h, w2, offs=offs)
+        else:  # one matmul per expert on its contiguous slice (a host sync for the counts)
+            outs, start = [], 0
+            for e, n in enumerate(load.long().tolist()):
+                xe = xs[start:start + n]
+                outs.append((F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e])
+                start += n
+            ys = torch.cat(outs)
+        ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
+        return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)
+
+
+class MoE(nn.Module):
+    """Shared experts (always on) + routed experts chosen by the gate."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = RoutedExperts(cfg)
+        self.shared_experts = Expert(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.trace = False  # when True, keep the last forward's top-k ids and gates in last_topk
+        self.last_topk: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor):
+        """x (B, T, dim) -> (output, balance loss, z-loss); the losses are unweighted."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        gates, indices, probs, logits = self.gate(x)
+        load = expert_load(indices, self.gate.n_experts)
+        y = self.experts(x, indices, gates, load)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        with torch.no_grad():
+            self.last_load.copy_(load)
+            if self.training:
+                self.gate.step_load += load
+        if self.trace:
+            self.last_topk = (indices.view(*shape[:-1], -1), gates.view(*shape[:-1], -1))
+        return y.view(shape), balance_loss(probs, load), router_z_loss(logits)
