@@ -107,11 +107,13 @@ class ModelConfig:
                 f"n_limited_groups * experts per group ({self.n_limited_groups * per_group}) must be >= "
                 f"n_activated_experts ({self.n_activated_experts})",
             )
-            need(self.score_func in ("softmax", "sigmoid"), f"score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
+            need(self.score_func in ("softmax", "sigmoid"),
+                 f"score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
             need(self.route_scale > 0, f"route_scale must be > 0, got {self.route_scale}")
             for name in ("aux_loss_coef", "z_loss_coef", "bias_update_speed"):
                 need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        need(self.rope_theta > 0 and self.norm_eps > 0 and self.init_std > 0, "rope_theta, norm_eps and init_std must be > 0")
+        need(self.rope_theta > 0 and self.norm_eps > 0 and self.init_std > 0,
+             "rope_theta, norm_eps and init_std must be > 0")
 
     # --- derived values ---
     @property
@@ -141,20 +143,21 @@ class ModelConfig:
 
     # --- construction and serialisation ---
     @classmethod
-    def preset(cls, name: str, **overrides) -> "ModelConfig":
+    def preset(cls, name: str, **overrides) -> ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown ModelConfig field(s): {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
         return cls(**d)
 
-    def replace(self, **overrides) -> "ModelConfig":
+    def replace(self, **overrides) -> ModelConfig:
         return self.from_dict({**self.to_dict(), **overrides})
 
     def to_dict(self) -> dict:

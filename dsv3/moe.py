@@ -130,7 +130,8 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = Gate(cfg)
         self.experts = RoutedExperts(cfg)
-        self.shared_experts = Expert(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        shared = cfg.n_shared_experts * cfg.moe_inter_dim  # N_s experts fused into one wider SwiGLU
+        self.shared_experts = Expert(cfg.dim, shared) if shared else None
         self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.trace = False  # when True, keep the last forward's top-k ids and gates in last_topk
         self.last_topk: tuple[torch.Tensor, torch.Tensor] | None = None

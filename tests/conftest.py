@@ -1,0 +1,37 @@
+"""Shared fixtures: small configs that run in milliseconds on a CPU."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsv3
+
+ROOT = Path(__file__).resolve().parents[1]
+# Offline runs: the tokenizer BPE file and the corpus live in ../shared on CI and dev machines.
+_shared = ROOT.parent / "shared"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (_shared / "tiktoken").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(_shared / "tiktoken")
+if "DSV3_CORPUS" not in os.environ and (_shared / "data" / "tinyshakespeare.txt").is_file():
+    os.environ["DSV3_CORPUS"] = str(_shared / "data" / "tinyshakespeare.txt")
+
+
+def small_cfg(**overrides) -> dsv3.ModelConfig:
+    """A 2-layer MLA + MoE model with a 512-token vocabulary."""
+    base = dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+                qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1,
+                n_activated_experts=2, moe_inter_dim=32, dense_inter_dim=96, max_seq_len=128)
+    base.update(overrides)
+    return dsv3.ModelConfig.preset("174m", **base)
+
+
+@pytest.fixture
+def cfg():
+    return small_cfg()
+
+
+@pytest.fixture
+def model(cfg):
+    torch.manual_seed(123)
+    return dsv3.DeepSeekV3(cfg).eval()
