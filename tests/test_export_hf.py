@@ -1,0 +1,149 @@
+"""Export to Hugging Face: transformers' own DeepseekV2/V3/Llama classes, loaded from our export, must compute
+our logits (max abs diff <= 1e-4 in fp32) and our greedy continuations; inexpressible settings are refused."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.export_hf import export_hf, hf_state_dict
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=512, dim=64, n_layers=2, n_heads=2, kv_lora_rank=32, qk_nope_head_dim=16,
+             qk_rope_head_dim=8, v_head_dim=16, moe_inter_dim=32, dense_inter_dim=96, max_seq_len=128)
+
+KINDS = {
+    # softmax routing -> DeepseekV2; 8 groups of one expert is plain top-k, so it is allowed
+    "softmax-moe": (dict(SMALL, n_expert_groups=8, n_limited_groups=2), "DeepseekV2ForCausalLM"),
+    # sigmoid routing with a random aux-free bias, query compression, group-limited routing, a dense first
+    # layer, untied head, route scale, and a large norm_eps so the latent-norm eps rewrite is visible
+    "sigmoid-moe": (dict(SMALL, score_func="sigmoid", q_lora_rank=24, n_expert_groups=4, n_limited_groups=2,
+                         n_dense_layers=1, n_layers=3, route_scale=2.5, tie_embeddings=False, norm_eps=1e-2),
+                    "DeepseekV3ForCausalLM"),
+    "softmax-moe-qlora-no-shared": (dict(SMALL, q_lora_rank=24, n_shared_experts=0), "DeepseekV2ForCausalLM"),
+    "dense-mla": (dict(SMALL, ffn="dense"), "DeepseekV3ForCausalLM"),
+    "dense-gqa": (dict(SMALL, attn="gqa", ffn="dense", n_heads=4, n_kv_heads=2, head_dim=16, rope_theta=1e5),
+                  "LlamaForCausalLM"),
+}
+
+
+def random_model(seed=0, **overrides) -> dsv3.DeepSeekV3:
+    """A model whose every weight matters: norms away from 1, weights large enough that attention and
+    routing are far from uniform, and (sigmoid) a router bias that changes which experts are picked."""
+    torch.manual_seed(seed)
+    model = dsv3.DeepSeekV3(dsv3.ModelConfig.preset("tiny", **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.mul_(5)
+        if model.cfg.score_func == "sigmoid":
+            for m in model.moe_layers():
+                m.gate.bias.copy_(0.1 * torch.randn_like(m.gate.bias))
+    return model
+
+
+def greedy(model, prompt, n):
+    """Our greedy decoding through the latent KV cache (absorbed path)."""
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + n)
+    out, nxt = [], prompt
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(nxt, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+            out.append(nxt)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_transformers_matches_our_logits_and_greedy_generation(kind, tmp_path):
+    overrides, arch = KINDS[kind]
+    model = random_model(**overrides)
+    export_hf(model, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == arch
+    torch.manual_seed(1)
+    for batch, T in ((3, 40), (1, 7)):
+        x = torch.randint(0, model.cfg.vocab_size, (batch, T))
+        with torch.no_grad():
+            ours, theirs = model(x).logits, hf(x).logits
+        assert ours.std() > 0.5  # logits are not near-constant, so agreement means something
+        assert (ours - theirs).abs().max().item() <= 1e-4
+    prompt = torch.randint(0, model.cfg.vocab_size, (2, 5))
+    with torch.no_grad():
+        hf_out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
+                             min_new_tokens=32, do_sample=False)
+    assert torch.equal(hf_out[:, 5:], greedy(model, prompt, 32))
+
+
+def test_written_files_and_generation_config(tmp_path):
+    model = random_model(vocab_size=50257, dim=32, n_layers=1, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+                         qk_rope_head_dim=8, v_head_dim=8, moe_inter_dim=16, score_func="sigmoid")
+    export_hf(model, tmp_path / "new" / "dir")
+    out = tmp_path / "new" / "dir"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert config["model_type"] == "deepseek_v3" and config["tie_word_embeddings"] is True
+    assert config["rope_interleave"] is True and config["q_lora_rank"] is None
+    assert (config["bos_token_id"], config["eos_token_id"], gen["bos_token_id"], gen["eos_token_id"]) == (50256,) * 4
+    # tied: one matrix is written and transformers ties the head to it
+    assert "lm_head.weight" not in hf_state_dict(model)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(hf.model.layers[0].mlp.gate.e_score_correction_bias, model.layers[0].ffn.gate.bias)
+
+
+@pytest.mark.parametrize("overrides, setting", [
+    (dict(norm_topk_prob=True), "norm_topk_prob=True with score_func='softmax'"),
+    (dict(n_expert_groups=4, n_limited_groups=2), "n_expert_groups=4, n_limited_groups=2"),
+    (dict(attn="gqa", n_heads=4, n_kv_heads=2, head_dim=16), "attn='gqa' with ffn='moe'"),
+])
+def test_refuses_settings_transformers_cannot_express(overrides, setting, tmp_path):
+    model = random_model(**dict(SMALL, **overrides))
+    with pytest.raises(ValueError, match="cannot export to Hugging Face exactly") as e:
+        export_hf(model, tmp_path / "out")
+    assert setting in str(e.value)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_refuses_softmax_with_a_router_bias_but_not_a_constant_one(tmp_path):
+    model = random_model(**SMALL)
+    with torch.no_grad():
+        model.layers[1].ffn.gate.bias.fill_(0.3)  # the same shift for every expert: selection unchanged
+    export_hf(model, tmp_path / "ok")
+    with torch.no_grad():
+        model.layers[1].ffn.gate.bias[3] += 0.1
+    with pytest.raises(ValueError, match="router bias of MoE layer 1 is nonzero.*no e_score_correction_bias"):
+        export_hf(model, tmp_path / "refused")
+
+
+def test_missing_transformers_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install dsv3\[hf\]"):
+        export_hf(random_model(**SMALL), tmp_path)
+
+
+def test_cli_exports_a_checkpoint_and_refuses_with_a_one_line_error(tmp_path, capsys):
+    from dsv3.__main__ import main
+
+    model = random_model(**dict(SMALL, score_func="sigmoid"))
+    dsv3.save_checkpoint(tmp_path / "run", model, step=7)
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert "DeepseekV3ForCausalLM" in capsys.readouterr().out
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        assert (model(x).logits - hf(x).logits).abs().max().item() <= 1e-4
+
+    capsys.readouterr()  # drop transformers' loading progress bar
+    refused = random_model(**dict(SMALL, norm_topk_prob=True))
+    dsv3.save_checkpoint(tmp_path / "run2", refused, step=1)
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "run2"), "--out", str(tmp_path / "hf2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot export") and "norm_topk_prob" in err and err.count("\n") == 1
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "hf3")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
