@@ -8,4 +8,8 @@ from .mla import KVCache
 from .model import DeepSeekV3, ModelOutput, count_params
 
 __all__ = ["PRESETS", "ModelConfig", "DeepSeekV3", "ModelOutput", "KVCache", "count_params"]
+from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from .train import History, TrainConfig, evaluate, train  # noqa: E402
+
+__all__ += ["load_checkpoint", "save_checkpoint", "History", "TrainConfig", "evaluate", "train"]
 __version__ = "0.1.0"

@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="174m", choices=list(PRESETS))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
+    from .train import add_cli_args, cmd_train
+
+    p = sub.add_parser("train", help="train a preset (phase 1) or resume a run (phase 2)")
+    add_cli_args(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,184 @@
+"""Checkpoints: one folder per saved step inside a run folder, written atomically.
+
+    <run>/step_000200/model.safetensors   weights (tied embedding/head stored once; router biases included)
+                      state.pt            optimizer state and torch RNG state (tensors only)
+                      meta.json           format tag, step, model config, tokenizer, train config,
+                                          sampler state, python RNG state, metrics so far
+A checkpoint is built in a hidden temporary folder and renamed into place, so a kill at any moment
+leaves either the complete folder or none; `save_checkpoint` keeps the newest `keep` of them.
+Loading never unpickles code: safetensors for weights, `torch.load(weights_only=True)` for the rest.
+Does not know how training works; it stores what the trainer hands it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from .config import ModelConfig
+from .model import DeepSeekV3
+
+FORMAT = "dsv3-checkpoint/1"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekV3, *, step: int, optimizer=None,
+                    meta: dict | None = None, keep: int = 3) -> Path:
+    """Write <run_dir>/step_<step> atomically and delete all but the newest `keep` checkpoints.
+
+    `meta` (JSON-serialisable: train config, sampler state, metrics) is stored in meta.json; the
+    torch and python RNG states are captured here.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".tmp-{final.name}-"))
+    try:
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # drops the tied duplicate
+        state = {"rng_torch": torch.get_rng_state()}
+        if optimizer is not None:
+            state["optimizer"] = optimizer.state_dict()
+        torch.save(state, tmp / "state.pt")
+        info = {"format": FORMAT, "step": step, "config": model.cfg.to_dict(),
+                "python_rng": _python_rng_to_json(random.getstate()), **(meta or {})}
+        (tmp / "meta.json").write_text(json.dumps(info))
+        for f in tmp.iterdir():  # data on disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # re-saving a step (e.g. Ctrl-C right after a periodic save): swap it out
+            old = run_dir / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _python_rng_to_json(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_rng_from_json(state) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from a checkpoint folder, a file inside one, or a run folder (its newest)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_file():
+        if path.name in ("meta.json", "model.safetensors", "state.pt"):
+            path = path.parent
+        else:
+            raise ValueError(f"{path} is not a dsv3 checkpoint (expected a run folder or a step_* folder)")
+    if (path / "meta.json").exists():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint (step_* folder with meta.json) in {path}")
+    return found[-1]
+
+
+def read_meta(ckpt: str | os.PathLike) -> dict:
+    """meta.json of a checkpoint folder, checked for the format tag."""
+    f = Path(ckpt) / "meta.json"
+    try:
+        meta = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{f} is missing: {ckpt} is not a complete dsv3 checkpoint") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f} is corrupt (not valid JSON: {e})") from e
+    tag = meta.get("format") if isinstance(meta, dict) else None
+    if tag != FORMAT:
+        raise ValueError(f"{f} is not a dsv3 checkpoint (format tag {tag!r}, expected {FORMAT!r})")
+    return meta
+
+
+def load_weights(model: DeepSeekV3, ckpt: str | os.PathLike) -> None:
+    """Load model.safetensors of `ckpt` into `model`; configs must match."""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    theirs, ours = meta["config"], model.cfg.to_dict()
+    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs model {ours.get(k)!r}" for k in diff)
+        raise ValueError(f"checkpoint {ckpt} was saved with another model config ({detail})")
+    f = ckpt / "model.safetensors"
+    if not f.exists():
+        raise FileNotFoundError(f"{f} is missing")
+    try:
+        load_model(model, str(f), strict=True, device=str(model.embed.weight.device))
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise ValueError(f"{f} is corrupt or does not match its config ({type(e).__name__}: {e})") from e
+
+
+def load_state(ckpt: str | os.PathLike) -> dict:
+    """state.pt (optimizer, torch RNG) merged with meta.json, without executing pickled code."""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    f = ckpt / "state.pt"
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{f} is missing") from None
+    except Exception as e:  # truncated zip, or a pickle that needs code: both refused
+        raise ValueError(f"{f} is corrupt or not a dsv3 training state ({type(e).__name__}: {e})") from e
+    meta["python_rng"] = _python_rng_from_json(meta["python_rng"])
+    return {**meta, **state, "path": str(ckpt)}
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location="cpu", with_state: bool = False):
+    """A ready model (eval mode) from a checkpoint or run folder; with_state also returns the training state."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    try:
+        cfg = ModelConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{ckpt / 'meta.json'} holds no valid model config ({e})") from e
+    with torch.device(map_location):
+        model = DeepSeekV3(cfg)
+    load_weights(model, ckpt)
+    model.eval()
+    return (model, load_state(ckpt)) if with_state else model
