@@ -1,0 +1,392 @@
+"""Text generation: prefill the prompt once, then decode one token per step from the latent KV cache.
+
+Holds
+  generate(model, prompt, ...)         -> str (a list of prompts -> list of str, batched with left padding);
+                                          with return_trace=True a `Generation` (ids, per-token texts, routing)
+  stream(model, prompt, ...)           -> iterator of text pieces, each yielded once it is valid UTF-8
+  generate_tokens(model, tokens, ...)  -> the token-level loop under both: yields (B,) next ids per step
+  sample(logits, ...)                  -> greedy / temperature / top-k / top-p (nucleus) choice of the next id
+Cache modes: "absorbed" (default: attention runs against the cached latent c_kv, DeepSeek-V2 §2.1.2),
+"naive" (the cached latent is up-projected to per-head keys and values every step) and "none" (the
+whole sequence is recomputed every step; for tests and benchmarks). The cache is preallocated for
+prompt + max_new_tokens positions. Prompts longer than max_seq_len are refused, never truncated.
+Randomness comes only from a `torch.Generator` (the `seed` argument), never from the global RNG.
+Deliberately not here: beam search, repetition penalties, speculative decoding, loading checkpoints.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import numbers
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import EOT, get_tokenizer
+from .model import DeepSeekV3
+
+CACHE_MODES = ("absorbed", "naive", "none")
+
+
+@dataclass
+class Generation:
+    """One prompt's result. Token t of `tokens` was routed to `expert_ids[l, t]` with `gates[l, t]` in MoE layer l."""
+
+    text: str  # the continuation: prompt excluded, cut before the first stop string, no <|endoftext|>
+    tokens: list[int]  # prompt ids, then the generated ids (a final <|endoftext|> is not included)
+    n_prompt: int  # how many of `tokens` are the prompt (an empty prompt is the one token <|endoftext|>)
+    token_texts: list[str]  # per token, the text it completes ('' while a UTF-8 character is still partial)
+    finish_reason: str  # "eot" (<|endoftext|>), "stop" (a stop string) or "length" (max_new_tokens)
+    expert_ids: torch.Tensor | None = None  # (n_moe_layers, len(tokens), top-k) routed expert ids, int64
+    gates: torch.Tensor | None = None  # (n_moe_layers, len(tokens), top-k) their gate weights g_i,t (fp32)
+
+    def top_experts(self) -> torch.Tensor:
+        """(n_moe_layers, len(tokens)): the expert with the largest gate weight for each token."""
+        return self.expert_ids.gather(-1, self.gates.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+# --- argument checks: every bad value is a ValueError naming the parameter and its allowed range ---
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_sampling(model, temperature, top_k, top_p, cache) -> None:
+    if not isinstance(model, DeepSeekV3):
+        raise ValueError(f"model must be a dsv3.DeepSeekV3, got {type(model).__name__}")
+    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) or \
+            not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    V = model.cfg.vocab_size
+    if not _is_int(top_k) or not 0 <= top_k <= V:
+        raise ValueError(f"top_k must be an int in [0, vocab_size={V}] (0 = off), got {top_k!r}")
+    if not isinstance(top_p, numbers.Real) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {', '.join(map(repr, CACHE_MODES))}, got {cache!r}")
+
+
+def _check_length(model, prompt_len: int, max_new_tokens) -> None:
+    L = model.cfg.max_seq_len
+    if prompt_len > L:
+        raise ValueError(f"prompt is {prompt_len} tokens; it must be at most max_seq_len={L} (prompts are never truncated)")
+    if not _is_int(max_new_tokens) or not 0 <= max_new_tokens <= L - prompt_len:
+        raise ValueError(f"max_new_tokens must be an int in [0, max_seq_len - prompt tokens = {L} - {prompt_len} "
+                         f"= {L - prompt_len}], got {max_new_tokens!r}")
+
+
+def _generator(seed, device: torch.device) -> torch.Generator | None:
+    if seed is None:  # fresh entropy, still without touching the global RNG
+        g = torch.Generator(device=device)
+        g.seed()
+        return g
+    if isinstance(seed, torch.Generator):
+        return seed
+    if _is_int(seed) and seed >= 0:
+        return torch.Generator(device=device).manual_seed(int(seed))
+    raise ValueError(f"seed must be None, an int >= 0 or a torch.Generator, got {seed!r}")
+
+
+# --- token level ---
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next ids (B,) from logits (B, V). temperature 0 = greedy (argmax); top_k 0 and top_p 1 = off.
+
+    top-k keeps the k largest logits; top-p (nucleus, Holtzman et al. 2019) keeps the smallest set of
+    most likely tokens whose probability reaches top_p (the most likely token is always kept).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        p = sorted_logits.softmax(dim=-1)
+        drop = p.cumsum(dim=-1) - p >= top_p  # the tokens before this one already reach top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    if generator is not None:
+        probs = probs.to(generator.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def generate_tokens(model: DeepSeekV3, tokens: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, seed=None, cache: str = "absorbed",
+                    key_mask: torch.Tensor | None = None, trace: list | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next id of every row, a (B,) tensor, up to max_new_tokens times. Stop early by breaking.
+
+    tokens (B, P) are the prompts, left-padded; key_mask (B, P) marks the real tokens (False = padding).
+    The prompt goes through the model in one forward; each yielded token is fed back (one forward of
+    one position against the cache) when the next one is requested. With `trace` (a list), every
+    forward appends (expert_ids, gates), each (n_moe_layers, B, positions, top-k); after the last
+    token, one more forward routes it, so the trace covers all P + max_new_tokens positions.
+    The model is put in eval mode for the loop and restored afterwards.
+    """
+    _check_sampling(model, temperature, top_k, top_p, cache)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] < 1:
+        raise ValueError(f"tokens must be a (batch, prompt_len >= 1) tensor, got {getattr(tokens, 'shape', tokens)}")
+    _check_length(model, tokens.shape[1], max_new_tokens)
+    if key_mask is not None and (key_mask.shape != tokens.shape or key_mask.dtype != torch.bool):
+        raise ValueError(f"key_mask must be a bool tensor shaped like tokens {tuple(tokens.shape)}")
+    gen = _generator(seed, model.embed.weight.device) if temperature > 0 else None
+    return _loop(model, tokens, max_new_tokens, (temperature, top_k, top_p, gen), cache, key_mask, trace)
+
+
+@torch.inference_mode()
+def _loop(model, tokens, max_new_tokens, sampling, cache, key_mask, trace):
+    device = model.embed.weight.device
+    B, P = tokens.shape
+    N = P + max_new_tokens
+    seq = torch.full((B, N), EOT, dtype=torch.long, device=device)
+    seq[:, :P] = tokens
+    if key_mask is not None:
+        key_mask = torch.cat([key_mask.to(device), key_mask.new_ones(B, max_new_tokens, device=device)], dim=1)
+        if key_mask.all():
+            key_mask = None
+    kv = None
+    if cache != "none":  # bf16 on CUDA halves the cache; the reads cast back to the compute dtype
+        kv = model.new_cache(B, N, absorb=cache == "absorbed",
+                             dtype=torch.bfloat16 if device.type == "cuda" else None)
+        kv.key_mask = key_mask
+    moes = model.moe_layers()
+
+    def forward(start: int, end: int) -> torch.Tensor:
+        """Run positions [start, end); return the logits (B, V) of the last one."""
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if kv is not None:
+                out = model(seq[:, start:end], cache=kv)
+            elif key_mask is None:
+                out = model(seq[:, :end])
+            else:  # no cache to reuse, but left padding needs a mask: a throwaway cache carries it
+                once = model.new_cache(B, end, absorb=False)
+                once.key_mask = key_mask[:, :end]
+                out = model(seq[:, :end], cache=once)
+        if trace is not None and moes:
+            n = end - start  # without a cache the MoE saw all `end` positions; keep the new ones
+            trace.append((torch.stack([m.last_topk[0][:, -n:] for m in moes]),
+                          torch.stack([m.last_topk[1][:, -n:].float() for m in moes])))
+        return out.logits[:, -1].float()
+
+    was_training = model.training
+    model.eval()  # training mode would count routed slots into the gates' step_load
+    for m in moes:
+        m.trace = trace is not None
+    try:
+        logits = forward(0, P)
+        for n in range(P, N):
+            seq[:, n] = sample(logits, *sampling)
+            yield seq[:, n]
+            if n + 1 < N or trace is not None:
+                logits = forward(n, n + 1)
+    finally:
+        model.train(was_training)
+        for m in moes:
+            m.trace, m.last_topk = False, None
+
+
+# --- text level ---
+
+@dataclass
+class _Row:
+    """One prompt's text state: UTF-8 held back until complete, stop strings, finish reason."""
+
+    prompt: list[int]
+    stop: tuple[str, ...]
+    new: list[int] = field(default_factory=list)
+    token_texts: list[str] = field(default_factory=list)
+    text: str = ""
+    finish: str | None = None
+
+    def __post_init__(self):
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps a partial character
+        self.enc = get_tokenizer()
+        self.token_texts = [self.utf8.decode(self.enc.decode_single_token_bytes(t)) for t in self.prompt]
+
+    def add(self, token: int) -> None:
+        if token == EOT:
+            return self.end("eot")
+        self.new.append(token)
+        piece = self.utf8.decode(self.enc.decode_single_token_bytes(token))
+        self.token_texts.append(piece)
+        self.text += piece
+        self._cut()
+
+    def end(self, reason: str) -> None:
+        tail = self.utf8.decode(b"", final=True)  # an unfinished character becomes U+FFFD, as in decode()
+        if tail:
+            self.token_texts[-1] += tail
+            self.text += tail
+        self.finish = reason
+        self._cut()
+
+    def _cut(self) -> None:
+        hits = [i for s in self.stop if (i := self.text.find(s)) >= 0]
+        if hits:
+            self.text, self.finish = self.text[:min(hits)], "stop"
+
+    def ready(self) -> str:
+        """The text that can be shown: all of it once finished, else minus a tail that may begin a stop string."""
+        if self.finish:
+            return self.text
+        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self.text[:len(self.text) - hold]
+
+
+def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, cache, trace):
+    """Check everything, tokenize and left-pad; return the rows and the token iterator."""
+    _check_sampling(model, temperature, top_k, top_p, cache)
+    if isinstance(stop, str):
+        stop = (stop,)
+    if stop is None:
+        stop = ()
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    enc = get_tokenizer()
+    ids = [enc.encode_ordinary(p) or [EOT] for p in prompts]  # an empty prompt starts from <|endoftext|>
+    P = max(map(len, ids))
+    _check_length(model, P, max_new_tokens)
+    tokens = torch.full((len(ids), P), EOT, dtype=torch.long)
+    key_mask = torch.zeros(len(ids), P, dtype=torch.bool)
+    for i, row in enumerate(ids):  # left padding: every prompt ends at position P - 1
+        tokens[i, P - len(row):] = torch.tensor(row)
+        key_mask[i, P - len(row):] = True
+    steps = generate_tokens(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, cache=cache, key_mask=key_mask, trace=trace)
+    return [_Row(row, tuple(stop)) for row in ids], steps
+
+
+def _drive(rows: list[_Row], steps, max_new_tokens: int) -> Iterator[list[_Row]]:
+    """Feed each step's ids to the rows; yield after each step; finish at max_new_tokens or when all rows end."""
+    if max_new_tokens == 0:
+        for r in rows:
+            r.end("length")
+    for n, nxt in enumerate(steps, start=1):
+        for r, t in zip(rows, nxt.tolist()):
+            if r.finish is None:
+                r.add(t)
+                if r.finish is None and n == max_new_tokens:
+                    r.end("length")
+        if all(r.finish for r in rows):
+            break
+        yield rows
+    yield rows
+
+
+def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 200, *, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int | torch.Generator | None = None,
+             stop: str | list[str] | None = None, cache: str = "absorbed", return_trace: bool = False):
+    """Continue `prompt` (a string, or a list of strings generated together as one left-padded batch).
+
+    Stops at <|endoftext|>, at the first of the `stop` strings (cut from the text) or after
+    max_new_tokens. temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off; `seed`
+    (an int or a torch.Generator) makes sampling reproducible. `cache` is "absorbed", "naive" or "none".
+    Returns the continuation without the prompt (list in, list out); with return_trace=True a
+    `Generation` per prompt, holding the token ids, per-token texts and the routing of every token.
+    """
+    batch = not isinstance(prompt, str)
+    prompts = list(prompt) if batch and isinstance(prompt, (list, tuple)) else [prompt]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    chunks = [] if return_trace else None
+    rows, steps = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, cache, chunks)
+    for _ in _drive(rows, steps, max_new_tokens):
+        pass
+    if return_trace:
+        next(steps, None)  # route the last sampled tokens too (a no-op if the loop ran to max_new_tokens)
+        steps.close()
+    else:
+        steps.close()
+        out = [r.text for r in rows]
+        return out if batch else out[0]
+    L = len(model.moe_layers())
+    ids = torch.cat([c[0] for c in chunks], dim=2).cpu() if chunks else None
+    gates = torch.cat([c[1] for c in chunks], dim=2).cpu() if chunks else None
+    P = max(len(r.prompt) for r in rows)
+    results = []
+    for i, r in enumerate(rows):
+        tokens = r.prompt + r.new
+        span = slice(P - len(r.prompt), P - len(r.prompt) + len(tokens))
+        empty = torch.zeros(L, len(tokens), 0)
+        results.append(Generation(r.text, tokens, len(r.prompt), r.token_texts, r.finish,
+                                  ids[:, i, span] if ids is not None else empty.long(),
+                                  gates[:, i, span] if gates is not None else empty))
+    return results if batch else results[0]
+
+
+def stream(model: DeepSeekV3, prompt: str, max_new_tokens: int = 200, *, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, seed: int | torch.Generator | None = None, stop: str | list[str] | None = None,
+           cache: str = "absorbed") -> Iterator[str]:
+    """Like `generate` for one prompt, but yield the continuation piece by piece as it is decoded.
+
+    A piece is yielded as soon as it is valid UTF-8 (a character split across tokens waits for its last
+    byte) and cannot be the start of a stop string; the pieces concatenate to `generate`'s text.
+    Arguments are checked here, before the first piece is requested.
+    """
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string (stream takes one prompt), got {type(prompt).__name__}")
+    rows, steps = _prepare(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, stop, cache, None)
+
+    def pieces() -> Iterator[str]:
+        shown = 0
+        try:
+            for (row,) in _drive(rows, steps, max_new_tokens):
+                text = row.ready()
+                if len(text) > shown:
+                    yield text[shown:]
+                    shown = len(text)
+        finally:
+            steps.close()
+
+    return pieces()
+
+
+# --- command line: python -m dsv3 generate ---
+
+def add_cli_args(p) -> None:
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (step_*) or a run folder (its newest)")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--stop", action="append", default=None, help="stop before this string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--naive-cache", dest="cache", action="store_const", const="naive", default="absorbed",
+                      help="up-project the cached latent every step instead of the absorbed path")
+    mode.add_argument("--no-cache", dest="cache", action="store_const", const="none",
+                      help="recompute the whole sequence every step")
+
+
+def cmd_generate(args) -> int:
+    import sys
+
+    from .checkpoint import load_checkpoint
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = load_checkpoint(args.checkpoint, map_location=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"--checkpoint: {' '.join(str(e).split())}") from None
+    except Exception as e:  # unreadable in some other way: still one line, never a stack trace
+        raise ValueError(f"--checkpoint {args.checkpoint}: could not load it ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())})") from None
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, seed=args.seed, stop=args.stop, cache=args.cache)
+    if args.stream:
+        pieces = stream(model, args.prompt, **kw)  # checks the arguments before printing anything
+        sys.stdout.write(args.prompt)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(args.prompt + generate(model, args.prompt, **kw))
+    return 0
