@@ -12,4 +12,7 @@ from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .train import History, TrainConfig, evaluate, train  # noqa: E402
 
 __all__ += ["load_checkpoint", "save_checkpoint", "History", "TrainConfig", "evaluate", "train"]
+from .generate import Generation, generate, stream  # noqa: E402
+
+__all__ += ["Generation", "generate", "stream"]
 __version__ = "0.1.0"

@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a preset (phase 1) or resume a run (phase 2)")
     add_cli_args(p)
     p.set_defaults(func=cmd_train)
+    from .generate import add_cli_args as add_generate_args, cmd_generate
+
+    p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
+    add_generate_args(p)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
