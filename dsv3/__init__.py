@@ -15,4 +15,7 @@ __all__ += ["load_checkpoint", "save_checkpoint", "History", "TrainConfig", "eva
 from .generate import Generation, generate, stream  # noqa: E402
 
 __all__ += ["Generation", "generate", "stream"]
+from .export_hf import export_hf  # noqa: E402
+
+__all__ += ["export_hf"]
 __version__ = "0.1.0"

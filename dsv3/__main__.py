@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
     add_generate_args(p)
     p.set_defaults(func=cmd_generate)
+    from .export_hf import cmd_export_hf
+
+    p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face transformers model folder")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--out", required=True, help="folder for config.json, model.safetensors, generation_config.json")
+    p.set_defaults(func=cmd_export_hf)
     return parser
 
 
