@@ -72,6 +72,7 @@ class TrainConfig:
     keep: int = 3  # checkpoints kept in the run folder
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
     compile: bool = False  # torch.compile the model for training
+    threads: int | None = None  # CPU threads for this run (None = torch's default); 1 wins on a busy machine
     seed: int = 0  # model init and data order
     corpus: str | None = None  # text file; None = $DSV3_CORPUS, else Tiny Shakespeare
     val_fraction: float = 0.1  # the last 10% of tokens is held out
@@ -110,6 +111,7 @@ class TrainConfig:
         need(self.dtype in ("auto", "fp32", "bf16"), f"dtype must be 'auto', 'fp32' or 'bf16', got {self.dtype!r}")
         need(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         need(self.time_limit is None or self.time_limit > 0, f"time_limit must be > 0 seconds, got {self.time_limit}")
+        need(self.threads is None or self.threads >= 1, f"threads must be >= 1 or None, got {self.threads}")
 
     def model_config(self) -> ModelConfig:
         cfg = ModelConfig.preset(self.preset, **self.model_overrides)
@@ -284,6 +286,16 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     """
     t_start = time.perf_counter()
     cfg, state = _resolve_config(config, resume, overrides)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, state, t_start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, state: dict | None, t_start: float) -> History:
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.dtype, device)
     model_cfg = cfg.model_config()
@@ -421,6 +433,7 @@ def add_cli_args(p) -> None:
     p.add_argument("--seed", type=int, help="seed for init and data order")
     p.add_argument("--corpus", help="UTF-8 text file (default $DSV3_CORPUS, else Tiny Shakespeare)")
     p.add_argument("--device", help="auto, cpu, cuda, ...")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's; 1 is faster on a busy machine)")
     p.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop, validate and save after this long")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

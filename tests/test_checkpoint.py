@@ -1,0 +1,111 @@
+"""Checkpoints: exact round trip (tied weights, router biases, optimizer, RNG), keep-K, and clear errors."""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import small_cfg
+
+import dsv3
+from dsv3.checkpoint import list_checkpoints, load_state, load_weights, save_checkpoint
+
+
+def trained_model(seed=0, **over):
+    torch.manual_seed(seed)
+    model = dsv3.DeepSeekV3(small_cfg(bias_update_speed=0.01, **over))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        x = torch.randint(0, 512, (2, 16))
+        model(x, x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        model.update_router_bias()
+    return model, opt
+
+
+def test_round_trip_is_exact(tmp_path):
+    model, opt = trained_model()
+    assert any(m.gate.bias.abs().sum() > 0 for m in model.moe_layers())  # the biases moved
+    random.seed(7)
+    ckpt = save_checkpoint(tmp_path, model, step=2, optimizer=opt, meta={"note": "hi"})
+    py_next = random.random()
+    loaded, state = dsv3.load_checkpoint(tmp_path, with_state=True)
+    assert not loaded.training and loaded.cfg == model.cfg
+    assert loaded.head.weight is loaded.embed.weight  # still tied
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # includes layers.*.ffn.gate.bias
+    assert state["step"] == 2 and state["note"] == "hi" and state["path"] == str(ckpt)
+    random.setstate(state["python_rng"])
+    assert random.random() == py_next
+    opt2 = torch.optim.AdamW(loaded.parameters(), lr=1e-2)
+    opt2.load_state_dict(state["optimizer"])
+    for a, b in zip(opt.state.values(), opt2.state.values(), strict=True):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    x = torch.randint(0, 512, (1, 8))
+    assert torch.equal(model.eval()(x).logits, loaded(x).logits)
+
+
+def test_run_folder_keeps_the_newest_k(tmp_path):
+    model, _ = trained_model()
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, model, step=step, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000003", "step_000004"]
+    (tmp_path / ".tmp-step_000005-abc").mkdir()  # what a kill mid-save leaves behind: ignored
+    assert load_state(tmp_path / "step_000004")["step"] == 4
+    assert dsv3.load_checkpoint(tmp_path, with_state=True)[1]["step"] == 4
+    save_checkpoint(tmp_path, model, step=4, keep=2)  # re-saving a step replaces it
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000003", "step_000004"]
+
+
+def test_errors_name_the_file_and_the_problem(tmp_path):
+    model, opt = trained_model()
+    ckpt = save_checkpoint(tmp_path / "run", model, step=1, optimizer=opt)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        dsv3.load_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        dsv3.load_checkpoint(tmp_path / "empty")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    with pytest.raises(ValueError, match="not a dsv3 checkpoint"):
+        dsv3.load_checkpoint(notes)
+    # another model config: the differing field is named
+    other = dsv3.DeepSeekV3(small_cfg(n_layers=3))
+    with pytest.raises(ValueError, match="n_layers: checkpoint 2 vs model 3"):
+        load_weights(other, ckpt)
+    # truncated weights
+    w = ckpt / "model.safetensors"
+    good = w.read_bytes()
+    w.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="model.safetensors is corrupt"):
+        dsv3.load_checkpoint(ckpt)
+    w.write_bytes(good)
+    # truncated training state
+    s = ckpt / "state.pt"
+    s.write_bytes(s.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="state.pt is corrupt"):
+        dsv3.load_checkpoint(ckpt, with_state=True)
+    # a foreign or broken meta.json
+    meta = ckpt / "meta.json"
+    meta.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="meta.json is not a dsv3 checkpoint"):
+        dsv3.load_checkpoint(ckpt)
+    meta.write_text("{not json")
+    with pytest.raises(ValueError, match="meta.json is corrupt"):
+        dsv3.load_checkpoint(ckpt)
+
+
+class Payload:  # a pickled object would need this code to load: weights_only refuses it
+    def __reduce__(self):
+        return (print, ("executed!",))
+
+
+def test_loading_never_runs_pickled_code(tmp_path, capsys):
+    model, _ = trained_model()
+    ckpt = save_checkpoint(tmp_path, model, step=1)
+    torch.save({"rng_torch": torch.get_rng_state(), "optimizer": Payload()}, ckpt / "state.pt")
+    with pytest.raises(ValueError, match="state.pt is corrupt or not a dsv3 training state"):
+        dsv3.load_checkpoint(ckpt, with_state=True)
+    assert "executed!" not in capsys.readouterr().out

@@ -1,0 +1,188 @@
+"""Training: schedule, learning, exact resume, non-finite loss, Ctrl-C, a SIGKILL mid-run, the CLI."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.checkpoint import list_checkpoints
+from dsv3.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not os.environ.get("DSV3_CORPUS"), reason="needs DSV3_CORPUS (Tiny Shakespeare)")
+# the tiny preset (GPT-2 vocabulary, MLA + MoE) with a narrow trunk so a step takes milliseconds
+FAST = dict(dim=32, n_layers=2, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+            moe_inter_dim=32, bias_update_speed=1e-3)
+FAST_ARGS = [f"--set={k}={v}" for k, v in FAST.items()]
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path_factory, monkeypatch):
+    d = tmp_path_factory.getbasetemp() / "dsv3-cache"  # one token cache for the session
+    monkeypatch.setenv("DSV3_DATA_DIR", str(d))
+    return d
+
+
+def run(out, **kw):
+    base = dict(preset="tiny", model_overrides=FAST, batch_size=4, seq_len=32, lr=3e-3, warmup=2, threads=1,
+                eval_interval=1000, eval_batches=2, progress=False, out=str(out))
+    return dsv3.train(**{**base, **kw})
+
+
+def test_config_defaults_and_errors():
+    c = TrainConfig(preset="174m")
+    assert (c.steps, c.batch_size, c.seq_len, c.lr, c.warmup) == (5000, 16, 1024, 1e-3, 100)
+    for bad, word in [(dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(dtype="fp8"), "dtype"),
+                      (dict(batch_size=6, grad_accum=4), "grad_accum"), (dict(preset="huge"), "preset")]:
+        with pytest.raises(ValueError, match=word):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match="seq_len 512 exceeds the model's max_seq_len 256"):
+        TrainConfig(preset="tiny", seq_len=512).model_config()
+
+
+def test_lr_schedule_warms_up_decays_and_never_jumps():
+    c = TrainConfig(preset="tiny", lr=1e-3, warmup=10, steps=100, min_lr_ratio=0.1)
+    lrs = [c.lr_at(s) for s in range(150)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[100] == lrs[149] == pytest.approx(1e-4)  # phase 2 continues at min_lr
+    assert all(b <= a for a, b in pairwise(lrs[9:]))
+    assert max(abs(b - a) for a, b in pairwise(lrs)) <= 1e-4 + 1e-12  # no jump larger than a warmup step
+
+
+def test_loss_decreases_on_tiny_shakespeare(tmp_path):
+    h = run(tmp_path, steps=30, batch_size=8, lr=1e-2, eval_interval=30, eval_batches=4)
+    first = sum(h.column("loss")[:5]) / 5
+    last = sum(h.column("loss")[-5:]) / 5
+    assert first > 10.0 and last < first - 1.5, (first, last)  # from ~ln(50257) = 10.8
+    assert h.val[-1]["step"] == 30 and h.val[-1]["val_loss"] < 9.3
+    rec = h.train[-1]
+    assert set(rec) >= {"step", "loss", "ce", "aux", "z", "lr", "grad_norm", "tokens_per_s", "expert_load"}
+    assert rec["loss"] == pytest.approx(rec["ce"] + rec["aux"] + rec["z"], rel=1e-5)
+    assert len(rec["expert_load"]) == 2 and sum(rec["expert_load"][0]) == pytest.approx(1.0, abs=1e-3)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, 31))
+    assert dsv3.train.__module__ == "dsv3.train" and h.model is not None and not h.model.training
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    kw = dict(grad_accum=2, decay_steps=10)  # accumulation, router bias and optimizer all in play
+    full = run(tmp_path / "full", steps=10, **kw)
+    part = run(tmp_path / "part", steps=6, **kw)
+    assert part.train[-1]["lr"] != part.train[-2]["lr"]
+    rest = dsv3.train(resume=tmp_path / "part", steps=4, progress=False)
+    assert rest.column("step") == list(range(1, 11))
+    for key in ("loss", "ce", "aux", "z", "lr", "grad_norm", "expert_load"):
+        assert rest.column(key) == full.column(key), key  # exactly equal, not approximately
+    a, b = full.model.state_dict(), rest.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(m.gate.bias.abs().sum() > 0 for m in rest.model.moe_layers())
+    with pytest.raises(ValueError, match="lr cannot change on resume"):
+        dsv3.train(resume=tmp_path / "part", lr=1.0)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    forward = dsv3.DeepSeekV3.forward
+
+    def poisoned(self, *a, **k):
+        out = forward(self, *a, **k)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:  # the third training step
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(dsv3.DeepSeekV3, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 3.*step_000002"):
+        run(tmp_path, steps=6, save_interval=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002"]
+    _, state = dsv3.load_checkpoint(tmp_path, with_state=True)
+    assert state["step"] == 2
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # 1 thread: far faster on a busy CPU
+    return subprocess.Popen([sys.executable, "-m", "dsv3", "train", *args], cwd=kw.pop("cwd", ROOT), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _wait_for_checkpoint(proc, run_dir, timeout=120):
+    t0 = time.time()
+    while not list_checkpoints(run_dir):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+def test_cli_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    common = ["--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--no-progress"]
+    p = _cli("--preset", "tiny", "--steps", "4", "--out", str(out), *common, *FAST_ARGS)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    assert stdout.startswith("done: step 4,") and "val loss" in stdout and "tokens/s" in stdout
+    p = _cli("--resume", str(out), "--steps", "2", *common)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    assert "done: step 6," in stdout and (out / "step_000006").is_dir()
+    assert dsv3.load_checkpoint(out).cfg.dim == 32
+
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    from dsv3.__main__ import main
+
+    assert main(["train", "--preset", "tiny", "--steps", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err == "error: TrainConfig: steps must be an int >= 1, got 0\n"
+    run(tmp_path / "run", steps=1)
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--out", str(tmp_path / "run"), *FAST_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run folder") and "already holds checkpoints" in err and err.count("\n") == 1
+    assert main(["train", "--resume", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_atomic_save_survives_a_kill(tmp_path):
+    """SIGKILL mid-run (saving every step), resume from the disk, and match an uninterrupted run."""
+    out = tmp_path / "killed"
+    args = ["--batch-size", "2", "--seq-len", "16", "--eval-interval", "100", "--eval-batches", "1", "--no-progress",
+            "--warmup", "2", "--seed", "5", *FAST_ARGS]
+    p = _cli("--preset", "tiny", "--steps", "30", "--save-interval", "1", "--keep", "2", "--out", str(out), *args)
+    _wait_for_checkpoint(p, out)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    saved = dsv3.load_checkpoint(out, with_state=True)[1]["step"]
+    assert 1 <= saved < 30
+    p = _cli("--resume", str(out), "--steps", str(30 - saved), *args[:-len(FAST_ARGS)])
+    _, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    resumed = dsv3.History.from_jsonl(out / "metrics.jsonl")
+    full = dsv3.train(preset="tiny", model_overrides=FAST, steps=30, batch_size=2, seq_len=16, warmup=2, seed=5,
+                      eval_interval=100, eval_batches=1, progress=False, out=str(tmp_path / "full"), threads=1)
+    assert resumed.column("step") == list(range(1, 31))
+    assert resumed.column("loss") == full.column("loss")
+
+
+def test_ctrl_c_saves_then_exits(tmp_path):
+    out = tmp_path / "run"
+    p = _cli("--preset", "tiny", "--steps", "100000", "--save-interval", "2", "--batch-size", "2", "--seq-len", "16",
+             "--eval-batches", "1", "--no-progress", "--out", str(out), *FAST_ARGS)
+    _wait_for_checkpoint(p, out)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr
+    assert stdout.startswith("interrupted: step ")
+    step = int(stdout.split()[2].rstrip(","))
+    assert dsv3.load_checkpoint(out, with_state=True)[1]["step"] == step >= 2
+    assert not math.isnan(dsv3.History.from_jsonl(out / "metrics.jsonl").val[-1]["val_loss"])
