@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--out", required=True, help="folder for config.json, model.safetensors, generation_config.json")
     p.set_defaults(func=cmd_export_hf)
+    from .bench import add_cli_args as add_bench_args, cmd_bench
+
+    p = sub.add_parser("bench", help="benchmark training and decoding against transformers and the machine's peak")
+    add_bench_args(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
