@@ -9,6 +9,7 @@ import torch
 
 import dsv3
 from dsv3.export_hf import export_hf, hf_state_dict
+from dsv3.generate import generate_tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,23 +49,22 @@ def random_model(seed=0, **overrides) -> dsv3.DeepSeekV3:
 
 
 def greedy(model, prompt, n):
-    """Our greedy decoding through the latent KV cache (absorbed path)."""
-    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + n)
-    out, nxt = [], prompt
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = model(nxt, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
-            out.append(nxt)
-    return torch.cat(out, 1)
+    """Our greedy decoding: dsv3's generator (prefill, then one position at a time against the latent cache)."""
+    return torch.stack(list(generate_tokens(model, prompt, n, temperature=0)), dim=1)
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_transformers_matches_our_logits_and_greedy_generation(kind, tmp_path):
+def exported(kind, tmp_path):
     overrides, arch = KINDS[kind]
     model = random_model(**overrides)
     export_hf(model, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(hf).__name__ == arch
+    return model, hf
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_transformers_computes_our_logits(kind, tmp_path):
+    model, hf = exported(kind, tmp_path)
     torch.manual_seed(1)
     for batch, T in ((3, 40), (1, 7)):
         x = torch.randint(0, model.cfg.vocab_size, (batch, T))
@@ -72,11 +72,17 @@ def test_transformers_matches_our_logits_and_greedy_generation(kind, tmp_path):
             ours, theirs = model(x).logits, hf(x).logits
         assert ours.std() > 0.5  # logits are not near-constant, so agreement means something
         assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["softmax-moe", "sigmoid-moe", "dense-gqa"])
+def test_transformers_greedy_generate_equals_ours(kind, tmp_path):
+    model, hf = exported(kind, tmp_path)
+    torch.manual_seed(2)
     prompt = torch.randint(0, model.cfg.vocab_size, (2, 5))
     with torch.no_grad():
-        hf_out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
-                             min_new_tokens=32, do_sample=False)
-    assert torch.equal(hf_out[:, 5:], greedy(model, prompt, 32))
+        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32,
+                             do_sample=False)
+    assert torch.equal(theirs[:, 5:], greedy(model, prompt, 32))
 
 
 def test_written_files_and_generation_config(tmp_path):
