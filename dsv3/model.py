@@ -26,11 +26,60 @@ from .moe import MoE
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, vocab_size)
+    logits: torch.Tensor | None  # (B, T, vocab_size); None when called with return_logits=False
     loss: torch.Tensor | None = None  # ce_loss + aux_loss + z_loss
     ce_loss: torch.Tensor | None = None  # next-token cross-entropy (nats per token)
     aux_loss: torch.Tensor | None = None  # aux_loss_coef * mean balance loss over MoE layers
     z_loss: torch.Tensor | None = None  # z_loss_coef * mean router z-loss over MoE layers
+
+
+CE_CHUNK = 1024  # rows of the fused head + cross-entropy: 1024 x 50,257 fp32 logits = 206 MB at a time
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean CE(h @ W^T, targets) without ever holding the (tokens, vocab) logits: row chunks of CE_CHUNK, and
+    each chunk's gradient (softmax - onehot) is used at once for dh and dW, so backward only rescales them.
+    Same matmuls as the plain head + F.cross_entropy (no recompute). Targets == -100 are ignored. Under autocast
+    the matmuls run in the autocast dtype and the softmax in fp32, as autocast does for the plain path."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets):
+        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        with torch.autocast(h.device.type, enabled=False):
+            hc, wc = h.to(dt), weight.to(dt)
+            valid = targets != -100
+            n = valid.sum()
+            total = h.new_zeros((), dtype=torch.float32)
+            dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
+            dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
+            for i in range(0, h.shape[0], CE_CHUNK):
+                rows = slice(i, i + CE_CHUNK)
+                logits = (hc[rows] @ wc.t()).float()
+                lse = logits.logsumexp(dim=-1)
+                tgt, ok = targets[rows].clamp(min=0), valid[rows]
+                total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * ok).sum()
+                if need_grad:  # d(sum CE)/d logits = softmax - onehot, zero on ignored rows
+                    g = logits.sub_(lse[:, None]).exp_()
+                    g[torch.arange(g.shape[0], device=g.device), tgt] -= 1
+                    g = (g * ok[:, None]).to(dt)
+                    dh[rows] = (g @ wc).float()
+                    dw += (g.t() @ hc[rows]).float()
+        ctx.save_for_backward(dh, dw, n)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw, n = ctx.saved_tensors
+        scale = grad / n
+        return (dh * scale).to(ctx.h_dtype) if dh is not None else None, \
+            (dw * scale).to(ctx.w_dtype) if dw is not None else None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=-100) with no full logits tensor (see LinearCrossEntropy)."""
+    return LinearCrossEntropy.apply(h, weight, targets)
 
 
 class Block(nn.Module):
@@ -146,7 +195,9 @@ class DeepSeekV3(nn.Module):
         return mask[None, None]
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> ModelOutput:
+                cache: KVCache | None = None, *, return_logits: bool = True) -> ModelOutput:
+        """return_logits=False (with targets): the loss comes from the fused chunked head + cross-entropy
+        (`linear_cross_entropy`), the (B, T, vocab) logits are never built and `logits` is None; for training."""
         self._check(tokens, targets, cache)
         T = tokens.shape[1]
         start = cache.pos if cache is not None else 0
@@ -161,10 +212,16 @@ class DeepSeekV3(nn.Module):
                 zs.append(z)
         if cache is not None:
             cache.pos += T
-        logits = self.head(self.norm(x))
-        if targets is None:
-            return ModelOutput(logits=logits)
-        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).long(), ignore_index=-100)
+        h = self.norm(x)
+        if targets is not None and not return_logits:
+            logits = None
+            ce = linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.reshape(-1).long())
+        else:
+            logits = self.head(h)
+            if targets is None:
+                return ModelOutput(logits=logits)
+            ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).long(),
+                                 ignore_index=-100)
         zero = ce.new_zeros(())
         aux = self.cfg.aux_loss_coef * torch.stack(balances).mean() if balances else zero
         z = self.cfg.z_loss_coef * torch.stack(zs).mean() if zs else zero

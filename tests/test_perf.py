@@ -1,0 +1,45 @@
+"""Speed options of the model keep its numbers: the fused chunked head + cross-entropy (return_logits=False),
+the padded-V flash attention path, and the token check on accelerators."""
+
+import pytest
+import torch
+from conftest import small_cfg
+
+import dsv3
+import dsv3.model as model_mod
+
+
+def grads(m):
+    return [p.grad.clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("chunk", [1024, 7])  # one chunk, and many chunks with a ragged last one
+def test_fused_cross_entropy_equals_plain_loss_and_grads(chunk, monkeypatch):
+    monkeypatch.setattr(model_mod, "CE_CHUNK", chunk)
+    torch.manual_seed(0)
+    m = dsv3.DeepSeekV3(small_cfg()).train()
+    x, y = torch.randint(0, 512, (3, 17)), torch.randint(0, 512, (3, 17))
+    y[0, :5] = -100  # ignored positions (padding)
+    ref = m(x, y)
+    ref.loss.backward()
+    g_ref = grads(m)
+    m.zero_grad()
+    out = m(x, y, return_logits=False)
+    out.loss.backward()
+    assert out.logits is None and ref.logits.shape == (3, 17, 512)
+    assert out.ce_loss.item() == pytest.approx(ref.ce_loss.item(), rel=1e-6)
+    for a, b in zip(grads(m), g_ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-4)
+
+
+def test_fused_cross_entropy_bf16_and_no_grad():
+    torch.manual_seed(0)
+    m = dsv3.DeepSeekV3(small_cfg()).train()
+    x, y = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = m(x, y), m(x, y, return_logits=False)
+    out.loss.backward()
+    assert out.ce_loss.dtype == torch.float32 and abs(out.ce_loss.item() - ref.ce_loss.item()) < 1e-3
+    assert m.embed.weight.grad.dtype == torch.float32 and m.embed.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # evaluation: the loss alone
+        assert m(x, y, return_logits=False).ce_loss.item() == pytest.approx(m(x, y).ce_loss.item(), rel=1e-6)
