@@ -1,6 +1,6 @@
 """Export to Hugging Face transformers: `export_hf(model, out_dir)` writes config.json, model.safetensors
 and generation_config.json that `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads with
-no custom code.
+no custom code; `cmd_export_hf` is `python -m dsv3 export-hf --checkpoint PATH --out DIR`.
 
 Which class (`hf_architecture`):
   MLA + sigmoid-scored MoE  -> DeepseekV3ForCausalLM (our gate bias = e_score_correction_bias, selection only)
@@ -8,7 +8,10 @@ Which class (`hf_architecture`):
   MLA + dense SwiGLU only   -> DeepseekV3ForCausalLM with every layer dense (first_k_dense_replace = n_layers)
   GQA + dense SwiGLU        -> LlamaForCausalLM
 Anything one of these classes cannot compute exactly is refused with a ValueError naming the setting
-(`unsupported_settings`); the export never writes a model that computes something else.
+(`unsupported_settings`); the export never writes a model that computes something else. Refused today:
+GQA + MoE; and with softmax scoring: norm_topk_prob=True, group-limited routing that drops groups
+(n_limited_groups < n_expert_groups, several experts per group), a router bias that differs between
+experts. Training-only settings (aux/z-loss coefficients, bias_update_speed) do not matter.
 
 Weight rewrites (all exact):
   RoPE layout  -- we rotate the first half of the rope dims against the second half; DeepSeek's
