@@ -49,7 +49,8 @@ def main() -> None:
         with torch.device(args.device):
             model = dsv3.DeepSeekV3(dsv3.ModelConfig.preset(name)).eval()
         cfg = model.cfg
-        prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), generator=g)
         run(model, prompt, 4, "absorbed")  # warm-up: allocator, kernels, lazy init
         for mode in args.modes:
             prefill, decode = run(model, prompt, args.new_tokens, mode)

@@ -44,6 +44,8 @@ class Generation:
 
     def top_experts(self) -> torch.Tensor:
         """(n_moe_layers, len(tokens)): the expert with the largest gate weight for each token."""
+        if self.gates.shape[-1] == 0:  # a dense model routes nothing
+            return self.expert_ids.new_zeros(self.expert_ids.shape[:-1])
         return self.expert_ids.gather(-1, self.gates.argmax(-1, keepdim=True)).squeeze(-1)
 
 
@@ -71,7 +73,8 @@ def _check_sampling(model, temperature, top_k, top_p, cache) -> None:
 def _check_length(model, prompt_len: int, max_new_tokens) -> None:
     L = model.cfg.max_seq_len
     if prompt_len > L:
-        raise ValueError(f"prompt is {prompt_len} tokens; it must be at most max_seq_len={L} (prompts are never truncated)")
+        raise ValueError(f"prompt is {prompt_len} tokens; it must be at most max_seq_len={L} "
+                         "(prompts are never truncated)")
     if not _is_int(max_new_tokens) or not 0 <= max_new_tokens <= L - prompt_len:
         raise ValueError(f"max_new_tokens must be an int in [0, max_seq_len - prompt tokens = {L} - {prompt_len} "
                          f"= {L - prompt_len}], got {max_new_tokens!r}")
@@ -266,7 +269,7 @@ def _drive(rows: list[_Row], steps, max_new_tokens: int) -> Iterator[list[_Row]]
         for r in rows:
             r.end("length")
     for n, nxt in enumerate(steps, start=1):
-        for r, t in zip(rows, nxt.tolist()):
+        for r, t in zip(rows, nxt.tolist(), strict=True):
             if r.finish is None:
                 r.add(t)
                 if r.finish is None and n == max_new_tokens:

@@ -167,7 +167,7 @@ def test_left_padded_batch_equals_one_prompt_at_a_time(model):
     prompts = ["ROMEO:", "", "JULIET: O Romeo, Romeo, wherefore art thou", "A plague o' both your houses"]
     for cache in ("absorbed", "naive", "none"):
         batched = dsv3.generate(model, prompts, 24, temperature=0, cache=cache, return_trace=True)
-        for p, b in zip(prompts, batched):
+        for p, b in zip(prompts, batched, strict=True):
             one = dsv3.generate(model, p, 24, temperature=0, cache=cache, return_trace=True)
             assert b.tokens == one.tokens, (cache, p)
             assert b.text == one.text
@@ -207,7 +207,7 @@ def test_routing_trace_covers_every_token_and_matches_the_gates():
     finally:
         for h in hooks:
             h.remove()
-    for layer, (moe, x) in enumerate(zip(m.moe_layers(), inputs)):
+    for layer, (moe, x) in enumerate(zip(m.moe_layers(), inputs, strict=True)):
         scores = (x.float() @ moe.gate.weight.detach().float().T).sigmoid()  # eq. 15
         assert torch.equal(scores.topk(2, dim=-1).indices.sort(-1).values, g.expert_ids[layer].sort(-1).values)
         picked = scores.gather(1, g.expert_ids[layer])
@@ -215,6 +215,17 @@ def test_routing_trace_covers_every_token_and_matches_the_gates():
     top = g.top_experts()
     assert top.shape == (2, n) and torch.equal(top, g.expert_ids.gather(-1, g.gates.argmax(-1, keepdim=True))[..., 0])
     assert all(moe.trace is False and moe.last_topk is None for moe in m.moe_layers())
+
+
+def test_dense_gqa_baseline_generates_with_an_empty_trace():
+    torch.manual_seed(0)
+    cfg = dsv3.ModelConfig.preset("smollm2-135m", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                                  dense_inter_dim=64, max_seq_len=64, tie_embeddings=False)
+    m = dsv3.DeepSeekV3(cfg).eval()
+    runs = [dsv3.generate(m, PROMPT, 30, temperature=0, cache=c, return_trace=True) for c in ("absorbed", "none")]
+    assert runs[0].tokens == runs[1].tokens and len(set(runs[0].tokens)) > 10
+    n = len(runs[0].tokens)
+    assert runs[0].expert_ids.shape == runs[0].gates.shape == (0, n, 0) and runs[0].top_experts().shape == (0, n)
 
 
 def test_generation_leaves_training_state_alone(model):
