@@ -45,8 +45,8 @@ def kv_cache_bars(names: Sequence[str], bytes_per_token: Sequence[float], *, tit
                   path: str | Path | None = None):
     """Bar chart of KV-cache bytes per token (one bar per attention variant), labelled with the values."""
     values = [float(v) for v in bytes_per_token]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    labels = [n.replace(" (", "\n(", 1) for n in names]  # long names wrap below the bar
+    fig, ax = plt.subplots(figsize=(7.0, 3.8))
+    labels = [n.replace(" (", "\n(", 1).replace(": ", ":\n") for n in names]  # long names wrap below the bar
     bars = ax.bar(labels, values, color=["#9e9e9e", "#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(values)])
     for b, v in zip(bars, values, strict=True):
         ax.annotate(f"{v:,.0f} B", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom",
