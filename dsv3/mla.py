@@ -22,6 +22,9 @@ from .config import ModelConfig
 from .layers import RMSNorm, apply_rope
 
 
+PAD_V_FOR_FLASH = True  # causal full-sequence attention (training, prefill) takes SDPA's flash path
+
+
 class KVCache:
     """Preallocated per-layer decoding cache.
 
@@ -105,8 +108,13 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, H, S, self.rope)], dim=-1)
+        pad = q.shape[-1] - self.v_dim
+        if mask is None and pad > 0 and PAD_V_FOR_FLASH:
+            # torch's flash kernels (CPU and CUDA) need v_head_dim == qk head dim: zero columns appended to V
+            # give zero output columns, dropped again. Fused, no (T, T) scores kept for backward.
+            v = F.pad(v, (0, pad))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
-        return o.transpose(1, 2).reshape(B, T, H * self.v_dim)
+        return o[..., : self.v_dim].transpose(1, 2).reshape(B, T, H * self.v_dim)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Attention against the latent: q_nope W_UK scores c_kv directly; W_UV is applied after."""

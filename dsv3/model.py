@@ -169,7 +169,10 @@ class DeepSeekV3(nn.Module):
             raise ValueError(f"sequence length {T} exceeds {where}")
         if cache is not None and tokens.shape[0] != cache.batch:
             raise ValueError(f"tokens batch {tokens.shape[0]} does not match the cache batch {cache.batch}")
-        if not torch.compiler.is_compiling():
+        if tokens.device.type != "cpu":  # an accelerator: check on the device, no host sync per step
+            torch._assert_async(((tokens >= 0) & (tokens < cfg.vocab_size)).all(),
+                                f"token ids must be in [0, vocab_size={cfg.vocab_size})")
+        elif not torch.compiler.is_compiling():
             lo, hi = tokens.min().item(), tokens.max().item()
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got min {lo}, max {hi}")
