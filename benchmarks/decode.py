@@ -20,16 +20,16 @@ import dsv3
 from dsv3.generate import generate_tokens
 
 
-def run(model, prompt, new_tokens: int, mode: str) -> tuple[float, float]:
-    """(prefill seconds, decode seconds) of one greedy generation."""
+def run(model, prompt, new_tokens: int, mode: str) -> tuple[float, float, float]:
+    """(prefill seconds, decode seconds, decode CPU seconds of this process) of one greedy generation."""
     steps = generate_tokens(model, prompt, new_tokens, temperature=0, cache=mode)
     t0 = time.perf_counter()
     next(steps)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     n = 1 + sum(1 for _ in steps)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     assert n == new_tokens
-    return t1 - t0, t2 - t1
+    return t1 - t0, t2 - t1, c2 - c1
 
 
 def main() -> None:
@@ -43,7 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"prompt {args.prompt_len}, new tokens {args.new_tokens}, batch {args.batch}, greedy, random weights")
-    print(f"{'preset':<8} {'cache':<9} {'prefill s':>9} {'decode s':>9} {'decode tok/s':>13}")
+    # cpu s: CPU time this process got while decoding; far below decode s x threads means other load
+    print(f"{'preset':<8} {'cache':<9} {'prefill s':>9} {'decode s':>9} {'cpu s':>7} {'decode tok/s':>13}")
     for name in args.presets:
         torch.manual_seed(0)
         with torch.device(args.device):
@@ -53,9 +54,9 @@ def main() -> None:
         prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), generator=g)
         run(model, prompt, 4, "absorbed")  # warm-up: allocator, kernels, lazy init
         for mode in args.modes:
-            prefill, decode = run(model, prompt, args.new_tokens, mode)
+            prefill, decode, cpu = run(model, prompt, args.new_tokens, mode)
             rate = args.batch * (args.new_tokens - 1) / decode
-            print(f"{name:<8} {mode:<9} {prefill:>9.3f} {decode:>9.3f} {rate:>13.1f}", flush=True)
+            print(f"{name:<8} {mode:<9} {prefill:>9.3f} {decode:>9.3f} {cpu:>7.2f} {rate:>13.1f}", flush=True)
         # bytes per token, measured from a real cache's tensors; MHA = the per-head K and V MLA avoids caching
         fp32 = model.new_cache(1, 1).bytes_per_token() if cfg.attn == "mla" else None
         bf16 = model.new_cache(1, 1, dtype=torch.bfloat16).bytes_per_token()

@@ -165,7 +165,7 @@ def test_endoftext_stops_and_an_empty_prompt_starts_from_it():
 
 def test_left_padded_batch_equals_one_prompt_at_a_time(model):
     prompts = ["ROMEO:", "", "JULIET: O Romeo, Romeo, wherefore art thou", "A plague o' both your houses"]
-    for cache in ("absorbed", "naive", "none"):
+    for cache in ("absorbed", "none"):  # "none" masks the padding through a throwaway cache
         batched = dsv3.generate(model, prompts, 24, temperature=0, cache=cache, return_trace=True)
         for p, b in zip(prompts, batched, strict=True):
             one = dsv3.generate(model, p, 24, temperature=0, cache=cache, return_trace=True)
