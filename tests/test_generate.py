@@ -20,6 +20,15 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and _TIKTOKEN.is_dir():
 PROMPT = "ROMEO: speak"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These matmuls are tiny; on a busy 2-core machine a second OpenMP thread made this file ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(**overrides) -> dsv3.ModelConfig:
     # Untied random weights give varied greedy text (a tied random model just repeats its input token).
     return dsv3.ModelConfig.preset("tiny", **{"n_layers": 2, "tie_embeddings": False, "max_seq_len": 128, **overrides})
@@ -297,7 +306,7 @@ def test_cli_generate_prints_what_generate_returns(checkpoint, capsys):
 
     path, m = checkpoint
     args = ["generate", "--checkpoint", str(path), "--prompt", "ROMEO:", "--max-new-tokens", "12",
-            "--temperature", "0.8", "--top-k", "50", "--top-p", "0.95", "--seed", "1"]
+            "--temperature", "0.8", "--top-k", "50", "--top-p", "0.95", "--seed", "1", "--threads", "1"]
     assert main(args) == 0
     out = capsys.readouterr().out
     want = "ROMEO:" + dsv3.generate(m.eval(), "ROMEO:", 12, temperature=0.8, top_k=50, top_p=0.95, seed=1)
