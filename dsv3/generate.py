@@ -6,12 +6,15 @@ Holds
   stream(model, prompt, ...)           -> iterator of text pieces, each yielded once it is valid UTF-8
   generate_tokens(model, tokens, ...)  -> the token-level loop under both: yields (B,) next ids per step
   sample(logits, ...)                  -> greedy / temperature / top-k / top-p (nucleus) choice of the next id
+  add_cli_args, cmd_generate           -> `python -m dsv3 generate` (loads with checkpoint.load_checkpoint)
 Cache modes: "absorbed" (default: attention runs against the cached latent c_kv, DeepSeek-V2 §2.1.2),
 "naive" (the cached latent is up-projected to per-head keys and values every step) and "none" (the
 whole sequence is recomputed every step; for tests and benchmarks). The cache is preallocated for
 prompt + max_new_tokens positions. Prompts longer than max_seq_len are refused, never truncated.
 Randomness comes only from a `torch.Generator` (the `seed` argument), never from the global RNG.
-Deliberately not here: beam search, repetition penalties, speculative decoding, loading checkpoints.
+`dsv3.generate` is the function (the package exports it over this module's name): reach the rest
+with `from dsv3.generate import generate_tokens, sample`.
+Deliberately not here: beam search, repetition penalties, speculative decoding, the checkpoint format.
 """
 
 from __future__ import annotations
