@@ -139,7 +139,7 @@ def generate_tokens(model: DeepSeekV3, tokens: torch.Tensor, max_new_tokens: int
     _check_length(model, tokens.shape[1], max_new_tokens)
     if key_mask is not None and (key_mask.shape != tokens.shape or key_mask.dtype != torch.bool):
         raise ValueError(f"key_mask must be a bool tensor shaped like tokens {tuple(tokens.shape)}")
-    gen = _generator(seed, model.embed.weight.device) if temperature > 0 else None
+    gen = _generator(seed, model.embed.weight.device)  # checked even when greedy leaves it unused
     return _loop(model, tokens, max_new_tokens, (temperature, top_k, top_p, gen), cache, key_mask, trace)
 
 

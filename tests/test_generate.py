@@ -276,6 +276,7 @@ N_PROMPT = len(get_tokenizer().encode_ordinary(PROMPT))
     (dict(cache="fast"), r"cache must be one of 'absorbed', 'naive', 'none'"),
     (dict(stop=""), r"stop must be a non-empty string"),
     (dict(seed=-1), r"seed must be None, an int >= 0 or a torch.Generator"),
+    (dict(seed="1", temperature=0), r"seed must be None, an int >= 0 or a torch.Generator"),
 ])
 def test_bad_inputs_are_refused_with_the_parameter_and_range(model, kwargs, match):
     kwargs = {"prompt": PROMPT, "max_new_tokens": 4, **kwargs}
