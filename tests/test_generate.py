@@ -141,6 +141,11 @@ def test_utf8_character_split_across_tokens_is_held_until_complete():
     clef = enc.encode_ordinary("\U0001d11e")  # one character, three byte-level tokens
     assert len(clef) == 3
     m = scripted(clef + enc.encode_ordinary(" ok"))
+    calls = []
+    hook = m.register_forward_pre_hook(lambda *a: calls.append(1))
+    first = next(dsv3.stream(m, PROMPT, 20))
+    hook.remove()
+    assert first == "\U0001d11e" and len(calls) == 3  # out as soon as its 3rd token is sampled, not later
     pieces = list(dsv3.stream(m, PROMPT, 20))
     assert "".join(pieces) == "\U0001d11e ok" and pieces[0] == "\U0001d11e"
     assert all("\ufffd" not in p for p in pieces)
