@@ -108,10 +108,10 @@ class RoutedExperts(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's list
             dt = torch.get_autocast_dtype(x.device.type)
             xs, w1, w2, w3 = xs.to(dt), w1.to(dt), w2.to(dt), w3.to(dt)
-        if _HAS_GROUPED_MM and (xs.device.type == "cpu" or xs.dtype == torch.bfloat16):
-            offs = load.cumsum(0).to(torch.int32)
-            h = F.silu(F.grouped_mm(xs, w1, offs=offs)) * F.grouped_mm(xs, w3, offs=offs)
-            ys = F.grouped_mm(h, w2, offs=offs)
+        if _HAS_GROUPED_MM and xs.dtype == torch.bfloat16:
+            ys = _grouped_swiglu(xs, w1, w2, w3, load)
+        elif _HAS_GROUPED_MM and xs.device.type == "cpu":  # torch's CPU grouped_mm also takes fp32, but its
+            ys = _grouped_swiglu_eager(xs, w1, w2, w3, load)  # compile-time shape check asks for bf16
         else:  # one matmul per expert on its contiguous slice (a host sync for the counts)
             outs, start = [], 0
             for e, n in enumerate(load.long().tolist()):
@@ -121,6 +121,16 @@ class RoutedExperts(nn.Module):
             ys = torch.cat(outs)
         ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
         return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)
+
+
+def _grouped_swiglu(xs, w1, w2, w3, load):
+    """Every expert's SwiGLU on its contiguous slice of the expert-sorted rows: one grouped_mm per weight."""
+    offs = load.cumsum(0).to(torch.int32)
+    h = F.silu(F.grouped_mm(xs, w1, offs=offs)) * F.grouped_mm(xs, w3, offs=offs)
+    return F.grouped_mm(h, w2, offs=offs)
+
+
+_grouped_swiglu_eager = torch.compiler.disable(_grouped_swiglu)  # fp32 under torch.compile: a graph break
 
 
 class MoE(nn.Module):
