@@ -186,18 +186,18 @@ def _hf_loss(model, x, y):
 
 
 def make_step(model, x, y, precision: str, hf: bool = False, compile: bool = False):
-    """One optimizer step (forward, backward, AdamW) as a closure; both models use the same AdamW."""
+    """One optimizer step (forward, backward, AdamW) as a closure; both models use the same fused AdamW.
+    Ours computes the loss with the fused chunked head + cross-entropy (return_logits=False), as the trainer does."""
     model.train()
     device = x.device.type
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     amp = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    fwd = (lambda: _hf_loss(model, x, y)) if hf else (lambda: model(x, y).loss)
-    if compile:
-        fwd = torch.compile(fwd)
+    fwd = torch.compile(model) if compile else model
+    loss_fn = (lambda: _hf_loss(fwd, x, y)) if hf else (lambda: fwd(x, y, return_logits=False).loss)
 
     def step():
         with amp:
-            loss = fwd()
+            loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -227,16 +227,20 @@ def bench_train(presets, precisions, hf: bool, reps: int, peaks: dict, device: s
                 diff = (ours.eval()(x[:1, :16]).logits - theirs.eval()(input_ids=x[:1, :16]).logits).abs().max().item()
         fns = {}
         for prec in precisions:
-            fns[f"dsv3/{prec}"] = make_step(ours, x, y, prec, compile=compile)
+            fns[f"dsv3/{prec}"] = make_step(ours, x, y, prec)
+            if compile:
+                fns[f"dsv3+compile/{prec}"] = make_step(ours, x, y, prec, compile=True)
             if theirs is not None:
                 fns[f"hf/{prec}"] = make_step(theirs, x, y, prec, hf=True)
-        res = interleaved(fns, reps=reps, warmup=2 if compile else 1, device=device)
+        res = interleaved(fns, reps=reps, warmup=2 if compile else 1, device=device)  # compile: in the warm-up
         row = {"batch": B, "seq_len": T, "active_params": active, "flops_per_token": fpt,
                "hf_max_abs_logit_diff": diff, "variants": {}}
         for name, r in res.items():
             prec = name.split("/")[1]
             tps = B * T / r["median"]
             peak = peaks.get("peak_bfloat16_gflops" if prec == "bf16" else "peak_float32_gflops")
+            if device == "cuda" and prec == "bf16":
+                peak = H200_BF16_PEAK / 1e9  # MFU against the H200's dense bf16 peak, as the issue asks
             achieved = tps * fpt / 1e9
             row["variants"][name] = {"step_s": r["median"], "tokens_per_s": tps, "gflops": achieved,
                                      "fraction_of_peak": achieved / peak if peak else None, "spread": r["spread"]}
@@ -412,33 +416,42 @@ def bench_memory(variants) -> dict:
 
 
 # --- driver -------------------------------------------------------------------------------------------
-def run(quick: bool = False, hf: bool = True, sections: tuple[str, ...] = ("matmul", "train", "dispatch",
-        "decode", "memory"), log=print) -> dict:
+SECTIONS = ("matmul", "train", "dispatch", "decode", "memory")
+
+
+def run(quick: bool = False, hf: bool = True, sections: tuple[str, ...] = SECTIONS, log=print, device: str = "cpu",
+        compile: bool = False, presets: tuple[str, ...] | None = None, shape: tuple[int, int] | None = None) -> dict:
     """Run the benchmark; returns the results dict (what --json prints)."""
     t0 = time.perf_counter()
-    res = {"machine": machine(), "quick": quick, "bench_overrides": BENCH_OVERRIDES,
+    res = {"machine": machine(), "quick": quick, "device": device, "bench_overrides": BENCH_OVERRIDES,
            "train_optimizer": "torch.optim.AdamW(fused=True), both models"}
     try:
         import transformers  # noqa: F401
     except ImportError:
         hf = False
-    presets = ("tiny",) if quick else ("tiny", "174m")
+    presets = presets or (("tiny",) if quick else ("tiny", "174m"))
+    shapes = {p: shape or TRAIN_SHAPES[p] for p in presets}
     if "matmul" in sections:
         log("matmul peak ...")
-        res["matmul"] = bench_matmul(quick)
-        res["bandwidth_gbs"] = bench_bandwidth()
+        res["matmul"] = bench_matmul(quick, device)
+        res["bandwidth_gbs"] = bench_bandwidth(device)
     peaks = {k: v for k, v in res.get("matmul", {}).items() if k.startswith("peak_")}
     if "train" in sections:
         log("training step ...")
-        res["train"] = bench_train(presets, ("fp32", "bf16"), hf, reps=3 if quick else 5, peaks=peaks)
-    if "dispatch" in sections:
+        res["train"] = {}
+        for p in presets:  # the 174m step takes seconds on a CPU: fewer rounds
+            res["train"].update(bench_train((p,), ("fp32", "bf16"), hf, reps=3 if quick or p != "tiny" else 5,
+                                            peaks=peaks, device=device, compile=compile, shapes=shapes))
+    if "dispatch" in sections and device == "cpu":
         log("MoE dispatch ...")
         res["dispatch"] = bench_dispatch(reps=5 if quick else 9)
-    if "decode" in sections:
+    if "decode" in sections and device == "cpu":
         log("decoding ...")
-        res["decode"] = bench_decode(presets, hf, reps=1 if quick else 3, bandwidth_gbs=res.get("bandwidth_gbs", 19.5),
-                                     no_cache_reps=1)
-    if "memory" in sections and not quick:
+        res["decode"] = {}
+        for p in presets:
+            res["decode"].update(bench_decode((p,), hf, reps=1 if quick else 3 if p == "tiny" else 2,
+                                              bandwidth_gbs=res.get("bandwidth_gbs", 19.5), no_cache_reps=1))
+    if "memory" in sections and not quick and device == "cpu":
         log("peak memory ...")
         variants = [("174m", "fp32", "dsv3"), ("174m", "bf16", "dsv3")] + ([("174m", "fp32", "hf")] if hf else [])
         res["memory"] = bench_memory(variants)
@@ -521,7 +534,6 @@ def plot(res: dict, path: str) -> None:
 
 
 # --- CLI ----------------------------------------------------------------------------------------------
-SECTIONS = ("matmul", "train", "dispatch", "decode", "memory")
 
 
 def add_cli_args(p) -> None:
@@ -530,6 +542,10 @@ def add_cli_args(p) -> None:
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--threads", type=int, help="torch.set_num_threads(N) first (default: torch's choice); on a "
                    "CPU shared with other jobs 1 thread avoids waiting at every op's thread barrier")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: matmul and training only")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd training steps")
+    p.add_argument("--presets", help="comma-separated presets to train/decode (default: tiny,174m; --quick: tiny)")
+    p.add_argument("--shape", help="training batch x seq for every preset, e.g. 16x1024 (default: per preset)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--out", help="also write the JSON results to this file")
     p.add_argument("--figure", help="also draw the bar charts to this image file (e.g. figures/benchmark.png)")
@@ -544,7 +560,20 @@ def cmd_bench(args) -> int:
         if not 1 <= args.threads <= (os.cpu_count() or 1):
             raise ValueError(f"--threads must be in [1, {os.cpu_count()}], got {args.threads}")
         torch.set_num_threads(args.threads)
-    res = run(quick=args.quick, hf=not args.no_hf, sections=sections,
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible to torch")
+    presets = tuple(p for p in (args.presets or "").split(",") if p) or None
+    for p in presets or ():
+        ModelConfig.preset(p)  # ValueError naming the known presets
+    shape = None
+    if args.shape:
+        try:
+            shape = tuple(int(v) for v in args.shape.lower().split("x"))
+            assert len(shape) == 2 and min(shape) >= 1
+        except (ValueError, AssertionError):
+            raise ValueError(f"--shape must look like 16x1024 (batch x seq, both >= 1), got {args.shape!r}") from None
+    res = run(quick=args.quick, hf=not args.no_hf, sections=sections, device=args.device, compile=args.compile,
+              presets=presets, shape=shape,
               log=(lambda msg: print(msg, file=sys.stderr)) if args.json else print)
     if args.out:
         with open(args.out, "w") as f:
