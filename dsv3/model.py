@@ -91,11 +91,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else Expert(cfg.dim, cfg.dense_inter_dim)
 
-    def forward(self, x, cos, sin, cache=None, mask=None):
+    def forward(self, x, cos, sin, cache=None, mask=None, losses=True):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer_id, mask)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
-            y, balance, z = self.ffn(h)
+            y, balance, z = self.ffn(h, losses)
             return x + y, balance, z
         return x + self.ffn(h), None, None
 
@@ -209,7 +209,7 @@ class DeepSeekV3(nn.Module):
         x = self.embed(tokens)
         balances, zs = [], []
         for block in self.layers:
-            x, balance, z = block(x, cos, sin, cache, mask)
+            x, balance, z = block(x, cos, sin, cache, mask, losses=targets is not None)
             if balance is not None:
                 balances.append(balance)
                 zs.append(z)

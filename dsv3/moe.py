@@ -146,8 +146,9 @@ class MoE(nn.Module):
         self.trace = False  # when True, keep the last forward's top-k ids and gates in last_topk
         self.last_topk: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor):
-        """x (B, T, dim) -> (output, balance loss, z-loss); the losses are unweighted."""
+    def forward(self, x: torch.Tensor, losses: bool = True):
+        """x (B, T, dim) -> (output, balance loss, z-loss); the losses are unweighted (None when losses=False:
+        decoding has no use for them)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         gates, indices, probs, logits = self.gate(x)
@@ -161,4 +162,6 @@ class MoE(nn.Module):
                 self.gate.step_load += load
         if self.trace:
             self.last_topk = (indices.view(*shape[:-1], -1), gates.view(*shape[:-1], -1))
+        if not losses:
+            return y.view(shape), None, None
         return y.view(shape), balance_loss(probs, load), router_z_loss(logits)
