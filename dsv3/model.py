@@ -56,16 +56,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
             for i in range(0, h.shape[0], CE_CHUNK):
                 rows = slice(i, i + CE_CHUNK)
-                logits = (hc[rows] @ wc.t()).float()
-                lse = logits.logsumexp(dim=-1)
+                logp = (hc[rows] @ wc.t()).float().log_softmax(dim=-1)
                 tgt, ok = targets[rows].clamp(min=0), valid[rows]
-                total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * ok).sum()
-                if need_grad:  # d(sum CE)/d logits = softmax - onehot, zero on ignored rows
-                    g = logits.sub_(lse[:, None]).exp_()
+                total -= (logp.gather(1, tgt[:, None]).squeeze(1) * ok).sum()
+                if need_grad:  # d(sum CE)/d logits = softmax - onehot; ignored rows are zeroed in dh and dW's input
+                    g = logp.exp_()
                     g[torch.arange(g.shape[0], device=g.device), tgt] -= 1
-                    g = (g * ok[:, None]).to(dt)
-                    dh[rows] = (g @ wc).float()
-                    dw += (g.t() @ hc[rows]).float()
+                    g = g.to(dt)
+                    dh[rows] = (g @ wc).float() * ok[:, None]
+                    dw += (g.t() @ (hc[rows] * ok[:, None].to(dt))).float()
         ctx.save_for_backward(dh, dw, n)
         return total / n
 
