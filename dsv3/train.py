@@ -42,7 +42,7 @@ from .model import DeepSeekV3
 # tiny: sized for the CPU learning target (val loss <= 4.8 within 8 minutes on 2 cores).
 TRAIN_PRESETS: dict[str, dict] = {
     "174m": dict(steps=5000, batch_size=16, seq_len=1024, lr=1e-3, warmup=100, eval_interval=250, save_interval=500),
-    "tiny": dict(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup=30, eval_interval=50, save_interval=100),
+    "tiny": dict(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup=20, eval_interval=100, save_interval=100),
 }
 PHASE2_STEPS = 500  # default length of a resumed run
 # Fields that define the run itself: a resumed run keeps them (changing them would not be a resume).
@@ -67,7 +67,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
     eval_interval: int | None = None  # validate every this many steps (and at the end)
-    eval_batches: int | None = 20  # validation batches per evaluation; None = the whole split
+    eval_batches: int | None = None  # validation batches (of max(batch_size, 16) rows) per evaluation; None = all
     save_interval: int | None = None  # save every this many steps (and at the end); None/0 = end only
     keep: int = 3  # checkpoints kept in the run folder
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
@@ -223,7 +223,7 @@ def evaluate(model: DeepSeekV3, tokens: np.ndarray, batch_size: int, seq_len: in
     total, n, loads = 0.0, 0, None
     for x, y in val_batches(tokens, batch_size, seq_len, max_batches):
         with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            out = model(x.to(device), y.to(device))
+            out = model(x.to(device), y.to(device), return_logits=False)
         total += out.ce_loss.item() * y.numel()
         n += y.numel()
         load = model.expert_loads()
@@ -342,7 +342,8 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float) -> History:
         history.checkpoint = str(save_checkpoint(out, model, step=step, optimizer=optimizer, meta=meta, keep=cfg.keep))
 
     def validate() -> None:
-        val_loss, load = evaluate(model, val_tok, micro, cfg.seq_len, cfg.eval_batches, amp)
+        rows = max(cfg.batch_size, 16)  # no gradients to hold: at least 16 rows per forward
+        val_loss, load = evaluate(model, val_tok, rows, cfg.seq_len, cfg.eval_batches, amp)
         rec = {"step": step, "val_loss": val_loss, "expert_load": load}
         history.val.append(rec)
         with metrics.open("a") as f:
@@ -364,7 +365,7 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float) -> History:
             for i in range(cfg.grad_accum):
                 xb, yb = x[i * micro:(i + 1) * micro].to(device), y[i * micro:(i + 1) * micro].to(device)
                 with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-                    o = fwd(xb, yb)
+                    o = fwd(xb, yb, return_logits=False)  # fused chunked head + CE: no (B, T, vocab) logits
                 parts = torch.stack([o.loss, o.ce_loss, o.aux_loss, o.z_loss]).detach().float().cpu()
                 if not torch.isfinite(parts[0]):
                     raise FloatingPointError(
@@ -391,8 +392,8 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float) -> History:
             history.train.append(rec)
             log.write(json.dumps(rec | {"kind": "train"}) + "\n")
             log.flush()
-            if step % cfg.eval_interval == 0 or step == end:
-                validate()
+            if step % cfg.eval_interval == 0 and step != end:
+                validate()  # (the last step's validation runs after the loop)
             if cfg.save_interval and step % cfg.save_interval == 0 and step != end:
                 save()
             bar.update(1)
@@ -401,8 +402,7 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float) -> History:
                 post["val"] = f"{history.val[-1]['val_loss']:.3f}"
             bar.set_postfix(post, refresh=False)
         history.interrupted = interrupt.requested
-        if not history.val or history.val[-1]["step"] != step:
-            validate()
+        validate()
         if history.checkpoint is None or Path(history.checkpoint).name != f"step_{step:06d}":
             save()
     model.eval()
