@@ -420,7 +420,8 @@ SECTIONS = ("matmul", "train", "dispatch", "decode", "memory")
 
 
 def run(quick: bool = False, hf: bool = True, sections: tuple[str, ...] = SECTIONS, log=print, device: str = "cpu",
-        compile: bool = False, presets: tuple[str, ...] | None = None, shape: tuple[int, int] | None = None) -> dict:
+        compile: bool = False, presets: tuple[str, ...] | None = None, shape: tuple[int, int] | None = None,
+        precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict:
     """Run the benchmark; returns the results dict (what --json prints)."""
     t0 = time.perf_counter()
     res = {"machine": machine(), "quick": quick, "device": device, "bench_overrides": BENCH_OVERRIDES,
@@ -440,7 +441,7 @@ def run(quick: bool = False, hf: bool = True, sections: tuple[str, ...] = SECTIO
         log("training step ...")
         res["train"] = {}
         for p in presets:  # the 174m step takes seconds on a CPU: fewer rounds
-            res["train"].update(bench_train((p,), ("fp32", "bf16"), hf, reps=3 if quick or p != "tiny" else 5,
+            res["train"].update(bench_train((p,), precisions, hf, reps=3 if quick or p != "tiny" else 5,
                                             peaks=peaks, device=device, compile=compile, shapes=shapes))
     if "dispatch" in sections and device == "cpu":
         log("MoE dispatch ...")
@@ -546,6 +547,7 @@ def add_cli_args(p) -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd training steps")
     p.add_argument("--presets", help="comma-separated presets to train/decode (default: tiny,174m; --quick: tiny)")
     p.add_argument("--shape", help="training batch x seq for every preset, e.g. 16x1024 (default: per preset)")
+    p.add_argument("--precisions", default="fp32,bf16", help="training precisions: fp32 and/or bf16 (autocast)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--out", help="also write the JSON results to this file")
     p.add_argument("--figure", help="also draw the bar charts to this image file (e.g. figures/benchmark.png)")
@@ -572,8 +574,11 @@ def cmd_bench(args) -> int:
             assert len(shape) == 2 and min(shape) >= 1
         except (ValueError, AssertionError):
             raise ValueError(f"--shape must look like 16x1024 (batch x seq, both >= 1), got {args.shape!r}") from None
+    precisions = tuple(v for v in args.precisions.split(",") if v)
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        raise ValueError(f"--precisions must be fp32, bf16 or fp32,bf16, got {args.precisions!r}")
     res = run(quick=args.quick, hf=not args.no_hf, sections=sections, device=args.device, compile=args.compile,
-              presets=presets, shape=shape,
+              presets=presets, shape=shape, precisions=precisions,
               log=(lambda msg: print(msg, file=sys.stderr)) if args.json else print)
     if args.out:
         with open(args.out, "w") as f:

@@ -85,5 +85,8 @@ def test_decode_section_cache_bytes_and_hf_tokens():
 def test_cli_table_json_and_bad_sections(capsys, tmp_path):
     assert main(["bench", "--sections", "nope"]) == 2
     assert "--sections" in capsys.readouterr().err
+    assert main(["bench", "--precisions", "fp16"]) == 2 and main(["bench", "--shape", "16by1024"]) == 2
+    assert main(["bench", "--presets", "huge"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
     res = {"machine": bench.machine(), "dispatch": bench.bench_dispatch(reps=1, tokens=16), "wall_s": 1.0}
     assert "MoE dispatch" in bench.table(res) and json.loads(json.dumps(res))["machine"]["torch"] == torch.__version__
