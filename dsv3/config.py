@@ -172,8 +172,11 @@ PRESETS: dict[str, dict] = {
     # top-2) in all 30 layers. moe_inter_dim 184 (a multiple of 8, for bf16 tensor cores) puts the total
     # at 172,491,648 parameters, 0.87% under 174M; 115,260,288 are active per token.
     "174m": dict(),
-    # A CPU preset with the same architecture: small trunk, same GPT-2 vocabulary.
+    # A CPU preset with the same architecture: small trunk, same GPT-2 vocabulary. Its balance loss is
+    # 10x the 174m's, to pull the routed load toward uniform within a few hundred CPU steps (the
+    # aux-loss-free bias steers more directly, but a softmax router's bias has no slot in the HF export).
     "tiny": dict(
+        aux_loss_coef=1e-2,
         dim=128,
         n_layers=4,
         n_heads=4,
