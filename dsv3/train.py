@@ -1,9 +1,10 @@
 """Training: `TrainConfig`, `train()` (phase 1, and phase 2 by resuming), `History`, `evaluate()`.
 
 One loop for the notebooks and the CLI. Per optimizer step: sample a global batch (`data.BatchSampler`),
-run it as `grad_accum` micro-batches under autocast (bf16 on CUDA; on CPU only when asked and the CPU
-has native bf16 matmul), loss = CE + aux + z (coefficients from the model config), clip the gradient
-norm, AdamW with weight-decay groups (no decay on norms), then the aux-loss-free router bias update.
+run it as `grad_accum` micro-batches (micro-batch i = rows i::grad_accum) under autocast (bf16 on CUDA;
+on CPU only when asked and the CPU has native bf16 matmul), loss = CE + aux + z (coefficients from the
+model config), clip the gradient norm, AdamW with weight-decay groups (no decay on norms), then the
+aux-loss-free router bias update.
 The learning rate is a function of the global step (linear warmup, cosine to min_lr at decay_steps,
 then flat), so phase 2 continues exactly where phase 1 left it. Every step appends a JSON line to
 <out>/metrics.jsonl; validation runs every eval_interval steps on the held-out split.
@@ -11,11 +12,15 @@ A checkpoint holds everything the next step depends on (weights, router biases, 
 sampler position, schedule), so N steps + resume M steps == N + M steps, bitwise on CPU in fp32.
 Non-finite loss stops with an error naming the step (the last checkpoint is left as it was);
 Ctrl-C finishes the current step, saves, and returns.
+Under torchrun (WORLD_SIZE > 1) the same loop runs data parallel (distributed.py): rank r of w takes rows
+r::w of each global batch, so w ranks x grad_accum a compute exactly what 1 process x grad_accum w*a does;
+losses and expert loads are all-reduced, and rank 0 alone logs and saves. Without torchrun none of it runs.
 Does not hold the model, the data pipeline or the checkpoint format: see model.py, data.py, checkpoint.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,6 +40,7 @@ import torch
 from .checkpoint import list_checkpoints, load_state, load_weights, resolve_checkpoint, save_checkpoint
 from .config import PRESETS, ModelConfig
 from .data import TOKENIZER_NAME, BatchSampler, load_tokens, split_tokens, val_batches
+from .distributed import DataParallel, world_size_from_env
 from .model import DeepSeekV3
 
 # Per-preset training defaults; fields left None in TrainConfig take these.
@@ -55,7 +61,7 @@ class TrainConfig:
     preset: str = "tiny"  # model preset (dsv3.PRESETS); also picks the training defaults below
     model_overrides: dict = field(default_factory=dict)  # ModelConfig fields changed from the preset
     steps: int | None = None  # optimizer steps to run (phase 1: total; resume: additional, default 500)
-    batch_size: int | None = None  # sequences per optimizer step (split into grad_accum micro-batches)
+    batch_size: int | None = None  # sequences per optimizer step (split over ranks, then grad_accum micro-batches)
     seq_len: int | None = None  # tokens per sequence (inputs; windows are seq_len + 1)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float | None = None  # peak learning rate
@@ -289,14 +295,23 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    world = world_size_from_env()
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of world_size x grad_accum "
+                         f"({world} x {cfg.grad_accum})")
+    dp = DataParallel.setup(resolve_device(cfg.device))  # None unless launched by torchrun with WORLD_SIZE > 1
     try:
-        return _train(cfg, state, t_start)
+        return _train(cfg, state, t_start, dp)
     finally:
         torch.set_num_threads(threads)
+        if dp is not None:
+            dp.close()
 
 
-def _train(cfg: TrainConfig, state: dict | None, t_start: float) -> History:
-    device = resolve_device(cfg.device)
+def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParallel | None = None) -> History:
+    device = resolve_device(cfg.device) if dp is None else dp.device
+    rank, world = (0, 1) if dp is None else (dp.rank, dp.world_size)
+    main = rank == 0  # the one process that logs, writes metrics and saves
     amp = autocast_dtype(cfg.dtype, device)
     model_cfg = cfg.model_config()
     out = Path(cfg.out or f"checkpoints/{cfg.preset}")
@@ -307,7 +322,7 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float) -> History:
             if not cfg.overwrite:
                 raise ValueError(f"run folder {out} already holds checkpoints; resume from it, choose another "
                                  "out folder, or pass overwrite=True (--overwrite) to start over")
-            for p in list_checkpoints(out):
+            for p in list_checkpoints(out) if main else []:
                 shutil.rmtree(p)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -316,7 +331,7 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float) -> History:
     with torch.device(device):
         model = DeepSeekV3(model_cfg)
     train_tok, val_tok = split_tokens(load_tokens(cfg.corpus), cfg.val_fraction)
-    sampler = BatchSampler(train_tok, cfg.batch_size, cfg.seq_len, cfg.seed)
+    sampler = BatchSampler(train_tok, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)  # global state
     optimizer = make_optimizer(model, cfg, device)
     history = History(run_dir=str(out))
     step = 0
@@ -329,32 +344,44 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float) -> History:
         history = History.from_dict(state["history"], run_dir=str(out), checkpoint=state["path"])
         step = state["step"]
     model.train()
-    fwd = torch.compile(model) if cfg.compile else model
+    ddp = None if dp is None else dp.wrap(model)  # averages gradients over ranks
+    fwd = model if ddp is None else ddp
+    fwd = torch.compile(fwd) if cfg.compile else fwd
     metrics = out / "metrics.jsonl"
-    _write_jsonl(metrics, [r | {"kind": "train"} for r in history.train] + [r | {"kind": "val"} for r in history.val])
+    if main:
+        _write_jsonl(metrics, [r | {"kind": "train"} for r in history.train] +
+                     [r | {"kind": "val"} for r in history.val])
     end = step + cfg.steps
-    micro = cfg.batch_size // cfg.grad_accum
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def save() -> None:
         meta = {"tokenizer": TOKENIZER_NAME, "train_config": cfg.to_dict(), "sampler": sampler.state_dict(),
                 "history": history.to_dict()}
-        history.checkpoint = str(save_checkpoint(out, model, step=step, optimizer=optimizer, meta=meta, keep=cfg.keep))
+        if main:
+            history.checkpoint = str(save_checkpoint(out, model, step=step, optimizer=optimizer, meta=meta,
+                                                     keep=cfg.keep))
+        if dp is not None:
+            history.checkpoint = str(out / f"step_{step:06d}")
+            dp.barrier()  # the checkpoint is complete before any rank moves on
 
     def validate() -> None:
         rows = max(cfg.batch_size, 16)  # no gradients to hold: at least 16 rows per forward
         val_loss, load = evaluate(model, val_tok, rows, cfg.seq_len, cfg.eval_batches, amp)
         rec = {"step": step, "val_loss": val_loss, "expert_load": load}
-        history.val.append(rec)
-        with metrics.open("a") as f:
-            f.write(json.dumps(rec | {"kind": "val"}) + "\n")
+        history.val.append(rec)  # every rank evaluates (the same numbers) rather than idling at a barrier
+        if main:
+            with metrics.open("a") as f:
+                f.write(json.dumps(rec | {"kind": "val"}) + "\n")
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=end, initial=step, disable=not cfg.progress, desc=f"train {cfg.preset}", unit="step")
-    with _DeferInterrupt() as interrupt, bar, metrics.open("a") as log:
-        while step < end and not interrupt.requested:
-            if cfg.time_limit is not None and time.perf_counter() - t_start >= cfg.time_limit:
+    bar = tqdm(total=end, initial=step, disable=not (cfg.progress and main), desc=f"train {cfg.preset}", unit="step")
+    log_file = metrics if main else os.devnull
+    with _DeferInterrupt() as interrupt, bar, open(log_file, "a") as log:
+        while step < end:
+            late = cfg.time_limit is not None and time.perf_counter() - t_start >= cfg.time_limit
+            stop = interrupt.requested or late
+            if stop if dp is None else dp.any(stop):  # every rank stops after the same step
                 break
             t0 = time.perf_counter()
             lr = cfg.lr_at(step)
@@ -363,16 +390,20 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float) -> History:
             x, y = sampler.next()
             sums = torch.zeros(4)
             for i in range(cfg.grad_accum):
-                xb, yb = x[i * micro:(i + 1) * micro].to(device), y[i * micro:(i + 1) * micro].to(device)
-                with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-                    o = fwd(xb, yb, return_logits=False)  # fused chunked head + CE: no (B, T, vocab) logits
-                parts = torch.stack([o.loss, o.ce_loss, o.aux_loss, o.z_loss]).detach().float().cpu()
-                if not torch.isfinite(parts[0]):
-                    raise FloatingPointError(
-                        f"non-finite loss ({parts[0].item()}) at step {step + 1}; stopped without saving. "
-                        f"Last good checkpoint: {history.checkpoint or 'none yet'}")
-                (o.loss / cfg.grad_accum).backward()
+                xb, yb = x[i::cfg.grad_accum].to(device), y[i::cfg.grad_accum].to(device)
+                last = i == cfg.grad_accum - 1  # DDP all-reduces the accumulated gradients on the last one only
+                with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
+                    with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                        o = fwd(xb, yb, return_logits=False)  # fused chunked head + CE: no (B, T, vocab) logits
+                    parts = torch.stack([o.loss, o.ce_loss, o.aux_loss, o.z_loss]).detach().float().cpu()
+                    if not torch.isfinite(parts[0]):
+                        raise FloatingPointError(
+                            f"non-finite loss ({parts[0].item()}) at step {step + 1}; stopped without saving. "
+                            f"Last good checkpoint: {history.checkpoint or 'none yet'}")
+                    (o.loss / cfg.grad_accum).backward()
                 sums += parts / cfg.grad_accum
+            if dp is not None:  # global mean loss, and the global expert load for the bias update below
+                sums = dp.reduce_step(sums, model)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError(f"non-finite gradient norm at step {step + 1}; stopped without saving. "
@@ -386,7 +417,7 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float) -> History:
             dt = time.perf_counter() - t0
             loss, ce, aux, z = sums.tolist()
             rec = {"step": step, "loss": loss, "ce": ce, "aux": aux, "z": z, "lr": lr,
-                   "grad_norm": grad_norm.item(), "tokens_per_s": x.numel() / dt,
+                   "grad_norm": grad_norm.item(), "tokens_per_s": x.numel() * world / dt,
                    "elapsed": time.perf_counter() - t_start,
                    "expert_load": [[round(v, 5) for v in row] for row in load]}
             history.train.append(rec)
@@ -462,6 +493,8 @@ def cmd_train(args) -> int:
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports for the whole data-parallel run
     last, val = h.train[-1] if h.train else {}, h.val[-1] if h.val else {}
     tps = [r["tokens_per_s"] for r in h.train[-50:]]
     print(f"{'interrupted' if h.interrupted else 'done'}: step {val.get('step')}, "
