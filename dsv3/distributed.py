@@ -53,10 +53,11 @@ class DataParallel:
     def wrap(self, model: torch.nn.Module) -> DistributedDataParallel:
         """DDP: gradients are averaged over ranks in buckets during backward. Every parameter takes part
         in every step (stacked expert weights get a (zero) gradient even for an expert with no tokens),
-        so no find_unused_parameters. broadcast_buffers=False: rank 0 must not overwrite the other ranks'
-        step_load counts; the router biases stay equal because every rank applies the same global update."""
+        so no find_unused_parameters. forward_sync_buffers=False: rank 0 must not overwrite the other ranks'
+        step_load counts each forward; the router biases stay equal because every rank applies the same
+        global update (buffers are still synced once, at construction, when all of them are equal anyway)."""
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
     def reduce_step(self, sums: torch.Tensor, model) -> torch.Tensor:
         """One all-reduce per step: the per-rank mean losses -> the global mean (returned), and each gate's
