@@ -239,7 +239,13 @@ def evaluate(model: DeepSeekV3, tokens: np.ndarray, batch_size: int, seq_len: in
 
 
 class _DeferInterrupt:
-    """Turn the first Ctrl-C into a flag the loop checks between steps (a second Ctrl-C stops at once)."""
+    """Turn the first Ctrl-C into a flag the loop checks between steps (a second Ctrl-C stops at once).
+
+    escalate=False (under torchrun): repeats are ignored too, because a terminal's Ctrl-C reaches each worker
+    twice, directly and forwarded by torchrun (which itself kills workers still running 30 s later)."""
+
+    def __init__(self, escalate: bool = True):
+        self.escalate = escalate
 
     def __enter__(self):
         self.requested, self._prev = False, None
@@ -248,7 +254,7 @@ class _DeferInterrupt:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested and self.escalate:
             raise KeyboardInterrupt
         self.requested = True
 
@@ -377,7 +383,7 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
 
     bar = tqdm(total=end, initial=step, disable=not (cfg.progress and main), desc=f"train {cfg.preset}", unit="step")
     log_file = metrics if main else os.devnull
-    with _DeferInterrupt() as interrupt, bar, open(log_file, "a") as log:
+    with _DeferInterrupt(escalate=dp is None) as interrupt, bar, open(log_file, "a") as log:
         while step < end:
             late = cfg.time_limit is not None and time.perf_counter() - t_start >= cfg.time_limit
             stop = interrupt.requested or late

@@ -3,15 +3,17 @@ cross world sizes in both directions, the router bias follows the global expert 
 torchrun never touches torch.distributed."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import dsv3
-from dsv3.checkpoint import load_checkpoint
+from dsv3.checkpoint import list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not os.environ.get("DSV3_CORPUS"), reason="needs DSV3_CORPUS (Tiny Shakespeare)")
@@ -31,12 +33,18 @@ def env(tmp_path_factory, monkeypatch):
         monkeypatch.delenv(k, raising=False)
 
 
-def torchrun(*args, nproc=2):
+def torchrun_cmd(*args, nproc=2):
     """`torchrun --standalone --nproc-per-node=2 -m dsv3 train ...` (a free localhost port via c10d)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "dsv3", "train", *args]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "dsv3", "train", *args]
+
+
+def child_env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # (DSV3_DATA_DIR: the fixture's)
+
+
+def torchrun(*args):
+    p = subprocess.run(torchrun_cmd(*args), cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
 
@@ -86,3 +94,24 @@ def test_global_batch_must_split_over_ranks_and_micro_batches(tmp_path, monkeypa
     with pytest.raises(ValueError, match=r"batch_size \(6\) must be a multiple of world_size x grad_accum \(2 x 2\)"):
         dsv3.train(preset="tiny", batch_size=6, grad_accum=2, out=str(tmp_path))
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank_after_the_same_step_and_rank_0_saves(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen(torchrun_cmd("--preset=tiny", "--steps=100000", "--save-interval=2", "--batch-size=2",
+                                      "--seq-len=16", "--eval-batches=1", "--threads=1", "--no-progress",
+                                      f"--out={out}", "--set=dim=32", "--set=n_layers=2"),
+                         cwd=ROOT, env=child_env(), start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not list_checkpoints(out):
+        assert p.poll() is None, p.communicate()
+        assert time.time() - t0 < 120, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)  # a terminal's Ctrl-C: torchrun and both workers (which torchrun signals again)
+    stdout, stderr = p.communicate(timeout=120)
+    assert stdout.count("interrupted: step ") == 1, stderr[-3000:]  # torchrun itself exits 1 on SIGINT
+    step = int(stdout.split("interrupted: step ")[1].split(",")[0])
+    assert list_checkpoints(out)[-1].name == f"step_{step:06d}"
+    assert dsv3.History.from_jsonl(out / "metrics.jsonl").column("step") == list(range(1, step + 1))
