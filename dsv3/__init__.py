@@ -1,21 +1,24 @@
-"""dsv3: a compact DeepSeek-V3 (MLA + DeepSeekMoE) for learning, training and playing.
+"""dsv3: a compact DeepSeek-V3 (Multi-Head Latent Attention + DeepSeekMoE) to learn from, train and play with.
 
-Public API: ModelConfig (and its presets), DeepSeekV3, ModelOutput, KVCache, count_params.
+Public API
+  model:      ModelConfig (+ PRESETS), DeepSeekV3, ModelOutput, KVCache, count_params
+  training:   TrainConfig, train, evaluate, History, save_checkpoint, load_checkpoint
+  generation: generate, stream, Generation
+  export:     export_hf (Hugging Face transformers format)
 """
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PRESETS, ModelConfig
+from .export_hf import export_hf
+from .generate import Generation, generate, stream
 from .mla import KVCache
 from .model import DeepSeekV3, ModelOutput, count_params
+from .train import History, TrainConfig, evaluate, train
 
-__all__ = ["PRESETS", "ModelConfig", "DeepSeekV3", "ModelOutput", "KVCache", "count_params"]
-from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from .train import History, TrainConfig, evaluate, train  # noqa: E402
-
-__all__ += ["load_checkpoint", "save_checkpoint", "History", "TrainConfig", "evaluate", "train"]
-from .generate import Generation, generate, stream  # noqa: E402
-
-__all__ += ["Generation", "generate", "stream"]
-from .export_hf import export_hf  # noqa: E402
-
-__all__ += ["export_hf"]
+__all__ = [
+    "PRESETS", "ModelConfig", "DeepSeekV3", "ModelOutput", "KVCache", "count_params",
+    "TrainConfig", "train", "evaluate", "History", "save_checkpoint", "load_checkpoint",
+    "generate", "stream", "Generation",
+    "export_hf",
+]
 __version__ = "0.1.0"

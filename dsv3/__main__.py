@@ -1,7 +1,12 @@
 """Command line: `python -m dsv3 <command> ...`.
 
-Commands: info (config and parameter counts). Each command's arguments are listed by
-`python -m dsv3 <command> --help`.
+Commands:
+  info       a preset's config, parameter counts (total / active per token) and KV-cache size
+  train      phase 1 on a preset, or phase 2 with --resume (also under torchrun for data parallelism)
+  generate   continue a prompt from a checkpoint (latent-cache decoding, sampling, streaming)
+  export-hf  write a checkpoint as a Hugging Face transformers model folder
+  bench      benchmark training and decoding against transformers and the machine's peak
+Each command's arguments are listed by `python -m dsv3 <command> --help`.
 """
 
 from __future__ import annotations
@@ -12,10 +17,10 @@ import sys
 
 
 def cmd_info(args) -> int:
+    import torch
+
     from .config import ModelConfig
     from .model import DeepSeekV3, count_params
-
-    import torch
 
     cfg = ModelConfig.preset(args.preset)
     with torch.device("meta"):  # shapes only: no memory, no init time
@@ -53,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a preset (phase 1) or resume a run (phase 2)")
     add_cli_args(p)
     p.set_defaults(func=cmd_train)
-    from .generate import add_cli_args as add_generate_args, cmd_generate
+    from .generate import add_cli_args as add_generate_args
+    from .generate import cmd_generate
 
     p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
     add_generate_args(p)
@@ -64,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--out", required=True, help="folder for config.json, model.safetensors, generation_config.json")
     p.set_defaults(func=cmd_export_hf)
-    from .bench import add_cli_args as add_bench_args, cmd_bench
+    from .bench import add_cli_args as add_bench_args
+    from .bench import cmd_bench
 
     p = sub.add_parser("bench", help="benchmark training and decoding against transformers and the machine's peak")
     add_bench_args(p)

@@ -21,7 +21,6 @@ from torch import nn
 from .config import ModelConfig
 from .layers import RMSNorm, apply_rope
 
-
 PAD_V_FOR_FLASH = True  # causal full-sequence attention (training, prefill) takes SDPA's flash path
 
 
