@@ -285,7 +285,8 @@ def _drive(rows: list[_Row], steps, max_new_tokens: int) -> Iterator[list[_Row]]
 
 def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 200, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | torch.Generator | None = None,
-             stop: str | list[str] | None = None, cache: str = "absorbed", return_trace: bool = False):
+             stop: str | list[str] | None = None, cache: str = "absorbed", return_trace: bool = False,
+             on_text=None):
     """Continue `prompt` (a string, or a list of strings generated together as one left-padded batch).
 
     Stops at <|endoftext|>, at the first of the `stop` strings (cut from the text) or after
@@ -293,6 +294,8 @@ def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 2
     (an int or a torch.Generator) makes sampling reproducible. `cache` is "absorbed", "naive" or "none".
     Returns the continuation without the prompt (list in, list out); with return_trace=True a
     `Generation` per prompt, holding the token ids, per-token texts and the routing of every token.
+    `on_text`, if given, is called after every decoded token with the text so far (a list for a list of
+    prompts): the same UTF-8-complete, stop-aware text that `stream` yields, for UIs that also want the trace.
     """
     batch = not isinstance(prompt, str)
     prompts = list(prompt) if batch and isinstance(prompt, (list, tuple)) else [prompt]
@@ -301,7 +304,8 @@ def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 2
     chunks = [] if return_trace else None
     rows, steps = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, cache, chunks)
     for _ in _drive(rows, steps, max_new_tokens):
-        pass
+        if on_text is not None:
+            on_text([r.ready() for r in rows] if batch else rows[0].ready())
     if return_trace:
         next(steps, None)  # route the last sampled tokens too (a no-op if the loop ran to max_new_tokens)
         steps.close()

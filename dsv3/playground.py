@@ -7,13 +7,13 @@
                          its top-1 expert in a chosen MoE layer, with a legend
   show(root)             a Playground for the newest checkpoint, or an HTML message that says no
                          checkpoint exists and how to make one (both display as the last value of a cell)
-Generation runs in the button's handler (it blocks the kernel; each update reaches the page at once).
+Generation (`dsv3.generate` with its routing trace) runs in the button's handler (it blocks the kernel;
+each update reaches the page at once).
 Deliberately not here: sampling, caching and tokenization (generate.py), checkpoint format (checkpoint.py).
 """
 
 from __future__ import annotations
 
-import codecs
 import html
 import os
 from pathlib import Path
@@ -22,8 +22,7 @@ import ipywidgets as W
 import torch
 
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
-from .data import EOT, get_tokenizer
-from .generate import generate_tokens
+from .generate import generate
 from .model import DeepSeekV3
 
 MAX_NEW_TOKENS = 500  # upper bound of the UI's "max new tokens" box (also capped by the model's max_seq_len)
@@ -56,7 +55,6 @@ class Playground:
 
     def __init__(self, model: DeepSeekV3, title: str = ""):
         self.model = model.eval()
-        self.enc = get_tokenizer()
         cfg = model.cfg
         self.n_moe = len(model.moe_layers())
         style, wide = {"description_width": "110px"}, W.Layout(width="330px")
@@ -106,34 +104,21 @@ class Playground:
 
     def run(self, prompt: str) -> str:
         """Generate from `prompt` with the widgets' settings, streaming into `output`; return the new text."""
-        ids = self.enc.encode_ordinary(prompt) or [EOT]  # an empty prompt starts from <|endoftext|>
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a partial character back
-        texts = [utf8.decode(self.enc.decode_single_token_bytes(t)) for t in ids]
-        trace: list = []
-        new = ""
+        head = f"<b>{_esc(prompt)}</b>"
         self.routing.value = ""
-        self.output.value = f"<b>{_esc(prompt)}</b>"
-        steps = generate_tokens(self.model, torch.tensor([ids]), self.max_new_tokens.value,
-                                temperature=self.temperature.value, top_k=self.top_k.value, top_p=self.top_p.value,
-                                seed=self.seed.value, trace=trace)
-        for nxt in steps:
-            t = int(nxt[0])
-            if t == EOT:
-                break
-            piece = utf8.decode(self.enc.decode_single_token_bytes(t))
-            texts.append(piece)
-            if piece:
-                new += piece
-                self.output.value = f"<b>{_esc(prompt)}</b>{_esc(new)}"
-        steps.close()
-        if self.n_moe and trace:
-            expert_ids = torch.cat([c[0] for c in trace], dim=2)[:, 0]  # (n_moe, positions, k)
-            gates = torch.cat([c[1] for c in trace], dim=2)[:, 0]
-            n = min(len(texts), expert_ids.shape[1])  # the last token is routed only if it was fed back
-            self.tokens = texts[:n]
-            self.top1 = expert_ids[:, :n].gather(-1, gates[:, :n].argmax(-1, keepdim=True)).squeeze(-1)
+        self.output.value = head
+
+        def show_text(text: str) -> None:
+            self.output.value = head + _esc(text)
+
+        g = generate(self.model, prompt, self.max_new_tokens.value, temperature=self.temperature.value,
+                     top_k=self.top_k.value, top_p=self.top_p.value, seed=self.seed.value, return_trace=True,
+                     on_text=show_text)
+        show_text(g.text)
+        if self.n_moe:
+            self.tokens, self.top1 = g.token_texts, g.top_experts()
             self.show_routing()
-        return new
+        return g.text
 
     def show_routing(self) -> None:
         if self.top1 is None or self.layer.value is None:

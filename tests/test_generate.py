@@ -134,6 +134,12 @@ def test_stream_concatenates_to_generate(model):
         pieces = list(dsv3.stream(model, PROMPT, 40, **kw))
         assert len(pieces) > 1
         assert "".join(pieces) == dsv3.generate(model, PROMPT, 40, **kw)
+        # on_text sees the same growing text that stream yields, while generate also returns the trace
+        seen = []
+        g = dsv3.generate(model, PROMPT, 40, return_trace=True, on_text=seen.append, **kw)
+        assert [t for i, t in enumerate(seen) if t and (i == 0 or t != seen[i - 1])] == \
+            ["".join(pieces[:i + 1]) for i in range(len(pieces))]
+        assert seen[-1] == g.text
 
 
 def test_utf8_character_split_across_tokens_is_held_until_complete():
