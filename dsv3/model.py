@@ -33,20 +33,24 @@ class ModelOutput:
     z_loss: torch.Tensor | None = None  # z_loss_coef * mean router z-loss over MoE layers
 
 
-CE_CHUNK = 1024  # rows of the fused head + cross-entropy: 1024 x 50,257 fp32 logits = 206 MB at a time
+CE_CHUNK = 256  # rows per chunk of the fused head + cross-entropy (256 x 50,257 fp32 = 51 MB, reused per chunk)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """mean CE(h @ W^T, targets) without ever holding the (tokens, vocab) logits: row chunks of CE_CHUNK, and
     each chunk's gradient (softmax - onehot) is used at once for dh and dW, so backward only rescales them.
     Same matmuls as the plain head + F.cross_entropy (no recompute). Targets == -100 are ignored. Under autocast
-    the matmuls run in the autocast dtype and the softmax in fp32, as autocast does for the plain path."""
+    the matmuls run in the autocast dtype and the log-softmax in fp32, as autocast does for the plain path.
+    Speed (benchmarks/profile_step.py): the chunk's buffers are allocated once and every op after the matmul
+    works in place; a fresh 50-200 MB tensor per op costs a page fault per 4 KB, which made this head 1.6x
+    slower in fp32 (2.5x in bf16) on the 2-core CPU."""
 
     @staticmethod
     def forward(ctx, h, weight, targets):
         dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        n_rows, chunk = h.shape[0], max(1, min(CE_CHUNK, h.shape[0]))
         with torch.autocast(h.device.type, enabled=False):
             hc, wc = h.to(dt), weight.to(dt)
             valid = targets != -100
@@ -54,26 +58,36 @@ class LinearCrossEntropy(torch.autograd.Function):
             total = h.new_zeros((), dtype=torch.float32)
             dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
             dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
-            for i in range(0, h.shape[0], CE_CHUNK):
-                rows = slice(i, i + CE_CHUNK)
-                logp = (hc[rows] @ wc.t()).float().log_softmax(dim=-1)
+            z = torch.empty(chunk, weight.shape[0], dtype=dt, device=h.device)  # logits, then the gradient in dt
+            logp = z if dt == torch.float32 else torch.empty(z.shape, dtype=torch.float32, device=h.device)
+            dw_c = torch.empty(weight.shape, dtype=dt, device=h.device) if need_grad and dt != torch.float32 else None
+            for i in range(0, n_rows, chunk):
+                rows = slice(i, i + chunk)
+                c = hc[rows].shape[0]
+                zc, lp = z[:c], logp[:c]
+                torch.mm(hc[rows], wc.t(), out=zc)
+                torch.ops.aten._log_softmax.out(zc if lp is zc else lp.copy_(zc), 1, False, out=lp)
                 tgt, ok = targets[rows].clamp(min=0), valid[rows]
-                total -= (logp.gather(1, tgt[:, None]).squeeze(1) * ok).sum()
+                total -= (lp.gather(1, tgt[:, None]).squeeze(1) * ok).sum()
                 if need_grad:  # d(sum CE)/d logits = softmax - onehot; ignored rows are zeroed in dh and dW's input
-                    g = logp.exp_()
-                    g[torch.arange(g.shape[0], device=g.device), tgt] -= 1
-                    g = g.to(dt)
+                    g = lp.exp_()
+                    g[torch.arange(c, device=g.device), tgt] -= 1
+                    g = g if g is zc else zc.copy_(g)
                     dh[rows] = (g @ wc).float() * ok[:, None]
-                    dw += (g.t() @ (hc[rows] * ok[:, None].to(dt))).float()
+                    hr = hc[rows] * ok[:, None].to(dt)
+                    if dw_c is None:
+                        dw.addmm_(g.t(), hr)
+                    else:  # this chunk's dW in dt, summed in fp32
+                        dw.add_(torch.mm(g.t(), hr, out=dw_c))
         ctx.save_for_backward(dh, dw, n)
         return total / n
 
     @staticmethod
     def backward(ctx, grad):
         dh, dw, n = ctx.saved_tensors
-        scale = grad / n
-        return (dh * scale).to(ctx.h_dtype) if dh is not None else None, \
-            (dw * scale).to(ctx.w_dtype) if dw is not None else None, None
+        scale = grad / n  # in place: dW is as large as the embedding (a second backward fails the version check)
+        return dh.mul_(scale).to(ctx.h_dtype) if dh is not None else None, \
+            dw.mul_(scale).to(ctx.w_dtype) if dw is not None else None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ from .model import DeepSeekV3
 # tiny: sized for the CPU learning target (val loss <= 4.8 within 8 minutes on 2 cores).
 TRAIN_PRESETS: dict[str, dict] = {
     "174m": dict(steps=5000, batch_size=16, seq_len=1024, lr=1e-3, warmup=100, eval_interval=250, save_interval=500),
-    "tiny": dict(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup=20, eval_interval=100, save_interval=100),
+    "tiny": dict(steps=480, batch_size=16, seq_len=128, lr=3e-3, warmup=20, eval_interval=120, save_interval=120),
 }
 PHASE2_STEPS = 500  # default length of a resumed run
 # Fields that define the run itself: a resumed run keeps them (changing them would not be a resume).
