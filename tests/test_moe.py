@@ -127,6 +127,20 @@ def test_dispatch_equals_per_token_reference(grouped, monkeypatch):
     assert torch.equal(m.last_load, torch.bincount(idx.flatten(), minlength=8).float())
 
 
+@pytest.mark.parametrize("tokens", [1, 21])
+def test_inference_dispatch_equals_training_dispatch(tokens):
+    """Without grad on CPU only the experts that received rows run (decoding one token: 2 of 8); same output."""
+    m = make_moe()
+    x = torch.randn(1, tokens, 64)
+    y_train, _, _ = m(x)
+    with torch.no_grad():
+        y_inf, _, _ = m(x, losses=False)
+    if tokens == 1:
+        assert int((m.last_load == 0).sum()) == 6  # top-2 of 8: six experts are skipped
+    assert torch.allclose(y_inf, y_train, atol=1e-5)
+    assert torch.allclose(y_inf.view(-1, 64), per_token_reference(m, x.view(-1, 64)), atol=1e-4)
+
+
 def test_gradients_reach_exactly_the_used_experts():
     m = make_moe()
     x = torch.randn(6, 64)
