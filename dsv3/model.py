@@ -34,6 +34,7 @@ class ModelOutput:
 
 
 CE_CHUNK = 256  # rows per chunk of the fused head + cross-entropy (256 x 50,257 fp32 = 51 MB, reused per chunk)
+INPLACE_CE_DEVICES = ("cpu",)  # device types whose chunk log-softmax runs in place in reused buffers
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -59,20 +60,24 @@ class LinearCrossEntropy(torch.autograd.Function):
             dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
             dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
             z = torch.empty(chunk, weight.shape[0], dtype=dt, device=h.device)  # logits, then the gradient in dt
-            logp = z if dt == torch.float32 else torch.empty(z.shape, dtype=torch.float32, device=h.device)
+            cpu = h.device.type in INPLACE_CE_DEVICES
+            logp = z if dt == torch.float32 or not cpu else torch.empty(z.shape, dtype=torch.float32, device=h.device)
             dw_c = torch.empty(weight.shape, dtype=dt, device=h.device) if need_grad and dt != torch.float32 else None
             for i in range(0, n_rows, chunk):
                 rows = slice(i, i + chunk)
                 c = hc[rows].shape[0]
                 zc, lp = z[:c], logp[:c]
                 torch.mm(hc[rows], wc.t(), out=zc)
-                torch.ops.aten._log_softmax.out(zc if lp is zc else lp.copy_(zc), 1, False, out=lp)
+                if cpu:  # in place into the reused fp32 buffer (tested here; CPU has no bf16 -> fp32 variant)
+                    torch.ops.aten._log_softmax.out(zc if lp is zc else lp.copy_(zc), 1, False, out=lp)
+                else:  # accelerators: a fresh tensor from the caching allocator costs nothing; no aliasing
+                    lp = zc.float().log_softmax(dim=1)
                 tgt, ok = targets[rows].clamp(min=0), valid[rows]
                 total -= (lp.gather(1, tgt[:, None]).squeeze(1) * ok).sum()
                 if need_grad:  # d(sum CE)/d logits = softmax - onehot; ignored rows are zeroed in dh and dW's input
                     g = lp.exp_()
                     g[torch.arange(c, device=g.device), tgt] -= 1
-                    g = g if g is zc else zc.copy_(g)
+                    g = g if g.dtype == dt else zc.copy_(g)
                     dh[rows] = (g @ wc).float() * ok[:, None]
                     hr = hc[rows] * ok[:, None].to(dt)
                     if dw_c is None:

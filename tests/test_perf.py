@@ -13,9 +13,11 @@ def grads(m):
     return [p.grad.clone() for p in m.parameters()]
 
 
+@pytest.mark.parametrize("inplace", [True, False])  # False: the accelerator branch (fresh tensors), run on CPU
 @pytest.mark.parametrize("chunk", [1024, 7])  # one chunk, and many chunks with a ragged last one
-def test_fused_cross_entropy_equals_plain_loss_and_grads(chunk, monkeypatch):
+def test_fused_cross_entropy_equals_plain_loss_and_grads(chunk, inplace, monkeypatch):
     monkeypatch.setattr(model_mod, "CE_CHUNK", chunk)
+    monkeypatch.setattr(model_mod, "INPLACE_CE_DEVICES", ("cpu",) if inplace else ())
     torch.manual_seed(0)
     m = dsv3.DeepSeekV3(small_cfg()).train()
     x, y = torch.randint(0, 512, (3, 17)), torch.randint(0, 512, (3, 17))
@@ -32,15 +34,23 @@ def test_fused_cross_entropy_equals_plain_loss_and_grads(chunk, monkeypatch):
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-4)
 
 
-def test_fused_cross_entropy_bf16_and_no_grad():
+@pytest.mark.parametrize("inplace", [True, False])  # False: the accelerator branch (fresh tensors), run on CPU
+def test_fused_cross_entropy_bf16_and_no_grad(inplace, monkeypatch):
+    monkeypatch.setattr(model_mod, "INPLACE_CE_DEVICES", ("cpu",) if inplace else ())
+    monkeypatch.setattr(model_mod, "CE_CHUNK", 7)
     torch.manual_seed(0)
     m = dsv3.DeepSeekV3(small_cfg()).train()
     x, y = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref, out = m(x, y), m(x, y, return_logits=False)
+    ref.loss.backward()
+    g_ref = grads(m)
+    m.zero_grad()
     out.loss.backward()
     assert out.ce_loss.dtype == torch.float32 and abs(out.ce_loss.item() - ref.ce_loss.item()) < 1e-3
     assert m.embed.weight.grad.dtype == torch.float32 and m.embed.weight.grad.abs().sum() > 0
+    for a, b in zip(grads(m), g_ref, strict=True):  # autocast's plain path, to bf16 precision
+        assert (a - b).norm() <= 2e-2 * b.norm() + 1e-6
     with torch.no_grad():  # evaluation: the loss alone
         assert m(x, y, return_logits=False).ce_loss.item() == pytest.approx(m(x, y).ce_loss.item(), rel=1e-6)
 
