@@ -43,8 +43,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     Same matmuls as the plain head + F.cross_entropy (no recompute). Targets == -100 are ignored. Under autocast
     the matmuls run in the autocast dtype and the log-softmax in fp32, as autocast does for the plain path.
     Speed (benchmarks/profile_step.py): the chunk's buffers are allocated once and every op after the matmul
-    works in place; a fresh 50-200 MB tensor per op costs a page fault per 4 KB, which made this head 1.6x
-    slower in fp32 (2.5x in bf16) on the 2-core CPU."""
+    works in place; a fresh 50-200 MB tensor per op costs a page fault per 4 KB, which made this head 1.7x
+    slower in fp32 (1.8x in bf16) on the 2-core CPU."""
 
     @staticmethod
     def forward(ctx, h, weight, targets):
@@ -60,15 +60,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
             dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
             z = torch.empty(chunk, weight.shape[0], dtype=dt, device=h.device)  # logits, then the gradient in dt
-            cpu = h.device.type in INPLACE_CE_DEVICES
-            logp = z if dt == torch.float32 or not cpu else torch.empty(z.shape, dtype=torch.float32, device=h.device)
+            inplace = h.device.type in INPLACE_CE_DEVICES
+            # log-probs overwrite the logits, except bf16 logits on the in-place path: an fp32 buffer of their own
+            logp = torch.empty(z.shape, dtype=torch.float32, device=h.device) if inplace and dt != torch.float32 else z
             dw_c = torch.empty(weight.shape, dtype=dt, device=h.device) if need_grad and dt != torch.float32 else None
             for i in range(0, n_rows, chunk):
                 rows = slice(i, i + chunk)
                 c = hc[rows].shape[0]
                 zc, lp = z[:c], logp[:c]
                 torch.mm(hc[rows], wc.t(), out=zc)
-                if cpu:  # in place into the reused fp32 buffer (tested here; CPU has no bf16 -> fp32 variant)
+                if inplace:  # in place into the reused fp32 buffer (tested here; CPU has no bf16 -> fp32 variant)
                     torch.ops.aten._log_softmax.out(zc if lp is zc else lp.copy_(zc), 1, False, out=lp)
                 else:  # accelerators: a fresh tensor from the caching allocator costs nothing; no aliasing
                     lp = zc.float().log_softmax(dim=1)

@@ -87,3 +87,12 @@ def test_torch_compile_fp32_training_step_matches_eager():
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
     for a, b in zip(grads(m), g_ref, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-3)
+
+
+def test_fused_cross_entropy_second_backward_fails_loudly():
+    """backward scales the saved gradients in place; a second backward must raise, never return wrong grads."""
+    h, w = torch.randn(8, 4, requires_grad=True), torch.randn(10, 4, requires_grad=True)
+    loss = model_mod.linear_cross_entropy(h, w, torch.randint(0, 10, (8,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
