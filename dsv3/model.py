@@ -35,6 +35,7 @@ class ModelOutput:
 
 CE_CHUNK = 256  # rows per chunk of the fused head + cross-entropy (256 x 50,257 fp32 = 51 MB, reused per chunk)
 INPLACE_CE_DEVICES = ("cpu",)  # device types whose chunk log-softmax runs in place in reused buffers
+CE_CHUNK_ACCEL = 4096  # rows per chunk elsewhere (GPUs): fewer, larger matmuls and fewer bf16 dW partials to sum
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -51,7 +52,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
-        n_rows, chunk = h.shape[0], max(1, min(CE_CHUNK, h.shape[0]))
+        inplace = h.device.type in INPLACE_CE_DEVICES
+        n_rows = h.shape[0]
+        chunk = max(1, min(CE_CHUNK if inplace else CE_CHUNK_ACCEL, n_rows))
         with torch.autocast(h.device.type, enabled=False):
             hc, wc = h.to(dt), weight.to(dt)
             valid = targets != -100
@@ -60,10 +63,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
             dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
             z = torch.empty(chunk, weight.shape[0], dtype=dt, device=h.device)  # logits, then the gradient in dt
-            inplace = h.device.type in INPLACE_CE_DEVICES
             # log-probs overwrite the logits, except bf16 logits on the in-place path: an fp32 buffer of their own
             logp = torch.empty(z.shape, dtype=torch.float32, device=h.device) if inplace and dt != torch.float32 else z
-            dw_c = torch.empty(weight.shape, dtype=dt, device=h.device) if need_grad and dt != torch.float32 else None
+            # accelerators: a chunk's dW in dt, summed in fp32; the in-place path sums fp32 products instead
+            dw_c = torch.empty(weight.shape, dtype=dt, device=h.device) \
+                if need_grad and dt != torch.float32 and not inplace else None
             for i in range(0, n_rows, chunk):
                 rows = slice(i, i + chunk)
                 c = hc[rows].shape[0]
@@ -76,15 +80,14 @@ class LinearCrossEntropy(torch.autograd.Function):
                 tgt, ok = targets[rows].clamp(min=0), valid[rows]
                 total -= (lp.gather(1, tgt[:, None]).squeeze(1) * ok).sum()
                 if need_grad:  # d(sum CE)/d logits = softmax - onehot; ignored rows are zeroed in dh and dW's input
-                    g = lp.exp_()
-                    g[torch.arange(c, device=g.device), tgt] -= 1
-                    g = g if g.dtype == dt else zc.copy_(g)
+                    g32 = lp.exp_()
+                    g32[torch.arange(c, device=lp.device), tgt] -= 1
+                    g = g32 if dt == torch.float32 else zc.copy_(g32)
                     dh[rows] = (g @ wc).float() * ok[:, None]
-                    hr = hc[rows] * ok[:, None].to(dt)
-                    if dw_c is None:
-                        dw.addmm_(g.t(), hr)
-                    else:  # this chunk's dW in dt, summed in fp32
-                        dw.add_(torch.mm(g.t(), hr, out=dw_c))
+                    if dw_c is None:  # fp32 products: bf16-rounded chunk partials made bf16 training spike on CPU
+                        dw.addmm_(g32.t(), h[rows].float() * ok[:, None])
+                    else:
+                        dw.add_(torch.mm(g.t(), hc[rows] * ok[:, None].to(dt), out=dw_c))
         ctx.save_for_backward(dh, dw, n)
         return total / n
 

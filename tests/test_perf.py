@@ -17,6 +17,7 @@ def grads(m):
 @pytest.mark.parametrize("chunk", [1024, 7])  # one chunk, and many chunks with a ragged last one
 def test_fused_cross_entropy_equals_plain_loss_and_grads(chunk, inplace, monkeypatch):
     monkeypatch.setattr(model_mod, "CE_CHUNK", chunk)
+    monkeypatch.setattr(model_mod, "CE_CHUNK_ACCEL", chunk)
     monkeypatch.setattr(model_mod, "INPLACE_CE_DEVICES", ("cpu",) if inplace else ())
     torch.manual_seed(0)
     m = dsv3.DeepSeekV3(small_cfg()).train()
@@ -38,6 +39,7 @@ def test_fused_cross_entropy_equals_plain_loss_and_grads(chunk, inplace, monkeyp
 def test_fused_cross_entropy_bf16_and_no_grad(inplace, monkeypatch):
     monkeypatch.setattr(model_mod, "INPLACE_CE_DEVICES", ("cpu",) if inplace else ())
     monkeypatch.setattr(model_mod, "CE_CHUNK", 7)
+    monkeypatch.setattr(model_mod, "CE_CHUNK_ACCEL", 7)
     torch.manual_seed(0)
     m = dsv3.DeepSeekV3(small_cfg()).train()
     x, y = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
