@@ -53,6 +53,11 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where the checkpoint of `step` lives in a run folder: <run_dir>/step_NNNNNN."""
+    return Path(run_dir) / f"step_{step:06d}"
+
+
 def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekV3, *, step: int, optimizer=None,
                     meta: dict | None = None, keep: int = 3) -> Path:
     """Write <run_dir>/step_<step> atomically and delete all but the newest `keep` checkpoints.
@@ -62,7 +67,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekV3, *, step: int,
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / f"step_{step:06d}"
+    final = checkpoint_dir(run_dir, step)
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".tmp-{final.name}-"))
     try:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # drops the tied duplicate

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import list_checkpoints, load_state, load_weights, resolve_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_dir, list_checkpoints, load_state, load_weights, resolve_checkpoint, save_checkpoint
 from .config import PRESETS, ModelConfig
 from .data import TOKENIZER_NAME, BatchSampler, load_tokens, split_tokens, val_batches
 from .distributed import DataParallel, world_size_from_env
@@ -364,10 +364,9 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
         meta = {"tokenizer": TOKENIZER_NAME, "train_config": cfg.to_dict(), "sampler": sampler.state_dict(),
                 "history": history.to_dict()}
         if main:
-            history.checkpoint = str(save_checkpoint(out, model, step=step, optimizer=optimizer, meta=meta,
-                                                     keep=cfg.keep))
+            save_checkpoint(out, model, step=step, optimizer=optimizer, meta=meta, keep=cfg.keep)
+        history.checkpoint = str(checkpoint_dir(out, step))
         if dp is not None:
-            history.checkpoint = str(out / f"step_{step:06d}")
             dp.barrier()  # the checkpoint is complete before any rank moves on
 
     def validate() -> None:
@@ -440,7 +439,7 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
             bar.set_postfix(post, refresh=False)
         history.interrupted = interrupt.requested
         validate()
-        if history.checkpoint is None or Path(history.checkpoint).name != f"step_{step:06d}":
+        if history.checkpoint is None or Path(history.checkpoint).name != checkpoint_dir(out, step).name:
             save()
     model.eval()
     history.model = model
