@@ -2,7 +2,7 @@
 corpus, same seed (so the same init and batches), `dtype="fp32"` and `dtype="bf16"`; prints both loss curves and
 the largest relative gap of their running means.
 
-    python benchmarks/bf16_loss.py [--steps 60] [--lr 1e-3]      (needs DSV3_CORPUS and TIKTOKEN_CACHE_DIR offline)
+    python benchmarks/bf16_loss.py [--steps 60] [--lr 1e-3] [--seed 0]   (offline: DSV3_CORPUS, TIKTOKEN_CACHE_DIR)
 """
 
 import argparse
@@ -18,12 +18,14 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the tiny preset's)")
+    p.add_argument("--seed", type=int, default=0, help="init and data order, the same for both runs")
     args = p.parse_args()
     curves = {}
     for dtype in ("fp32", "bf16"):
         with tempfile.TemporaryDirectory() as out:
             h = dsv3.train(preset="tiny", steps=args.steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr,
-                           dtype=dtype, eval_interval=args.steps, eval_batches=1, out=out, progress=False)
+                           seed=args.seed, dtype=dtype, eval_interval=args.steps, eval_batches=1, out=out,
+                           progress=False)
         curves[dtype] = [r["ce"] for r in h.train]
     k = 10  # compare running means of 10 steps: single-batch losses are noisy in both precisions
     mean = {p: [sum(c[i - k:i]) / k for i in range(k, len(c) + 1)] for p, c in curves.items()}
