@@ -101,21 +101,26 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, load: torch.Tensor):
         """x (tokens, dim); indices, gates (tokens, k); load (N,) slots per expert -> (tokens, dim)."""
         k = indices.shape[1]
-        order = indices.reshape(-1).argsort(stable=True)  # (token, slot) pairs grouped by expert
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
         token = order // k
-        xs = x[token]
         w1, w2, w3 = self.w1, self.w2, self.w3
-        if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's list
-            dt = torch.get_autocast_dtype(x.device.type)
-            xs, w1, w2, w3 = xs.to(dt), w1.to(dt), w2.to(dt), w3.to(dt)
-        if xs.device.type == "cpu" and not torch.is_grad_enabled():
-            ys = _looped_swiglu(xs, w1, w2, w3, load)  # inference: CPU grouped_mm visits empty experts too
-        elif _HAS_GROUPED_MM and xs.dtype == torch.bfloat16:
-            ys = _grouped_swiglu(xs, w1, w2, w3, load)
-        elif _HAS_GROUPED_MM and xs.device.type == "cpu":  # torch's CPU grouped_mm also takes fp32, but its
-            ys = _grouped_swiglu_eager(xs, w1, w2, w3, load)  # compile-time shape check asks for bf16
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if dt != w1.dtype:  # grouped_mm is not on autocast's list
+            w1, w2, w3 = w1.to(dt), w2.to(dt), w3.to(dt)
+        cpu = x.device.type == "cpu"
+        if cpu and _HAS_GROUPED_MM and dt == torch.bfloat16 and torch.is_grad_enabled():
+            ys = _padded_grouped_swiglu(x.to(dt), token, flat[order], w1, w2, w3, load)
         else:
-            ys = _looped_swiglu(xs, w1, w2, w3, load)
+            xs = x[token].to(dt)
+            if cpu and not torch.is_grad_enabled():  # inference: CPU grouped_mm visits empty experts too
+                ys = _looped_swiglu(xs, w1, w2, w3, load)
+            elif _HAS_GROUPED_MM and dt == torch.bfloat16:
+                ys = _grouped_swiglu(xs, w1, w2, w3, load)
+            elif _HAS_GROUPED_MM and cpu:  # torch's CPU grouped_mm also takes fp32, but its compile-time
+                ys = _grouped_swiglu_eager(xs, w1, w2, w3, load)  # shape check asks for bf16
+            else:
+                ys = _looped_swiglu(xs, w1, w2, w3, load)
         ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
         return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)
 
@@ -128,6 +133,27 @@ def _grouped_swiglu(xs, w1, w2, w3, load):
 
 
 _grouped_swiglu_eager = torch.compiler.disable(_grouped_swiglu)  # fp32 under torch.compile: a graph break
+
+CPU_BF16_ROWS = 16  # on CPU, bf16 expert groups are padded to a multiple of this many rows (see below)
+
+
+@torch.compiler.disable
+def _padded_grouped_swiglu(x, token, expert, w1, w2, w3, load):
+    """`_grouped_swiglu` for bf16 on CPU, each expert's rows padded with zero rows to a multiple of CPU_BF16_ROWS.
+
+    oneDNN builds (JIT-compiles) a bf16 matmul kernel for every new shape. The rows per expert change every
+    step, so each step compiled hundreds of kernels (measured: ~500 primitive-cache misses per 174m step, about
+    4 ms each); with counts rounded up to a multiple of 16 the shapes repeat and the misses stop after warm-up.
+    x (tokens, dim); token, expert: the expert-sorted (token, slot) pairs -> their outputs, in that order."""
+    m = CPU_BF16_ROWS
+    counts = load.long()
+    padded = (counts + m - 1) // m * m
+    rank = torch.arange(token.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
+    dest = (padded.cumsum(0) - padded)[expert] + rank  # where each real row lands in the padded layout
+    src = torch.full((int(padded.sum()),), x.shape[0], dtype=torch.long, device=x.device)
+    src[dest] = token  # padding rows read the zero row appended below
+    xs = F.pad(x, (0, 0, 0, 1))[src]
+    return _grouped_swiglu(xs, w1, w2, w3, padded)[dest]
 
 
 def _looped_swiglu(xs, w1, w2, w3, load):

@@ -127,6 +127,28 @@ def test_dispatch_equals_per_token_reference(grouped, monkeypatch):
     assert torch.equal(m.last_load, torch.bincount(idx.flatten(), minlength=8).float())
 
 
+@pytest.mark.skipif(not moe._HAS_GROUPED_MM, reason="needs F.grouped_mm")
+def test_cpu_bf16_padded_dispatch(monkeypatch):
+    """bf16 training on CPU pads each expert's rows to a multiple of CPU_BF16_ROWS: the padding rows must not
+    change any output or gradient (compared with no padding, and with the fp32 per-token reference)."""
+    m = make_moe()
+    x = torch.randn(37, 64)  # 74 routed slots over 8 experts: no count is a multiple of 16
+    ref = per_token_reference(m, x)
+    runs = []
+    for rows in (16, 1):
+        monkeypatch.setattr(moe, "CPU_BF16_ROWS", rows)
+        m.zero_grad()
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _, _ = m(xg.unsqueeze(0))
+        (y.float() * torch.linspace(-1, 1, 64)).sum().backward()
+        runs.append((y.float().squeeze(0), xg.grad, m.experts.w1.grad.clone(), m.experts.w2.grad.clone()))
+    assert m.last_load.remainder(16).ne(0).all()
+    assert torch.allclose(runs[0][0], ref, atol=0.05 * ref.abs().max().item())  # bf16 vs fp32
+    for a, b in zip(runs[0], runs[1], strict=True):
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-2 * b.abs().max().item())
+
+
 @pytest.mark.parametrize("tokens", [1, 21])
 def test_inference_dispatch_equals_training_dispatch(tokens):
     """Without grad on CPU only the experts that received rows run (decoding one token: 2 of 8); same output."""
