@@ -112,7 +112,7 @@ class RoutedExperts(nn.Module):
         if cpu and _HAS_GROUPED_MM and dt == torch.bfloat16 and torch.is_grad_enabled():
             ys = _padded_grouped_swiglu(x.to(dt), token, flat[order], w1, w2, w3, load)
         else:
-            xs = x[token].to(dt)
+            xs = x.index_select(0, token).to(dt)  # backward: index_add_, ~6x faster on CPU than x[token]'s
             if cpu and not torch.is_grad_enabled():  # inference: CPU grouped_mm visits empty experts too
                 ys = _looped_swiglu(xs, w1, w2, w3, load)
             elif _HAS_GROUPED_MM and dt == torch.bfloat16:
@@ -152,8 +152,8 @@ def _padded_grouped_swiglu(x, token, expert, w1, w2, w3, load):
     dest = (padded.cumsum(0) - padded)[expert] + rank  # where each real row lands in the padded layout
     src = torch.full((int(padded.sum()),), x.shape[0], dtype=torch.long, device=x.device)
     src[dest] = token  # padding rows read the zero row appended below
-    xs = F.pad(x, (0, 0, 0, 1))[src]
-    return _grouped_swiglu(xs, w1, w2, w3, padded)[dest]
+    xs = F.pad(x, (0, 0, 0, 1)).index_select(0, src)
+    return _grouped_swiglu(xs, w1, w2, w3, padded).index_select(0, dest)
 
 
 def _looped_swiglu(xs, w1, w2, w3, load):
