@@ -119,10 +119,14 @@ def test_bias_update_balances_load_without_touching_gates():
 def test_dispatch_equals_per_token_reference(grouped, monkeypatch):
     monkeypatch.setattr(moe, "_HAS_GROUPED_MM", grouped and moe._HAS_GROUPED_MM)
     m = make_moe()
-    x = torch.randn(3, 7, 64)
+    x = torch.randn(3, 7, 64, requires_grad=True)
     y, _, _ = m(x)
     ref = per_token_reference(m, x.view(-1, 64)).view(3, 7, 64)
     assert torch.allclose(y, ref, atol=1e-4)
+    w = torch.randn(3, 7, 64)  # gradients through the dispatch (gather, expert matmuls, scatter) too
+    gx, gw1 = torch.autograd.grad((y * w).sum(), (x, m.experts.w1))
+    rx, rw1 = torch.autograd.grad((ref * w).sum(), (x, m.experts.w1))
+    assert torch.allclose(gx, rx, atol=1e-4) and torch.allclose(gw1, rw1, atol=1e-4)
     _, idx, _, _ = m.gate(x.view(-1, 64))
     assert torch.equal(m.last_load, torch.bincount(idx.flatten(), minlength=8).float())
 
