@@ -8,7 +8,8 @@ times route_scale.
 Losses: balance loss alpha * N * sum_i f_i P_i (V2 eq. 23-25) and router z-loss
 mean_t logsumexp(logits_t)^2 (ST-MoE, Zoph et al. 2022).
 Dispatch sorts the (token, slot) pairs by expert so each expert runs one matmul on its own tokens
-(one `grouped_mm` for all experts where torch supports it); there is no per-token Python loop.
+(one `grouped_mm` for all experts where torch supports it; in bf16 on CPU each expert's rows are padded
+to a multiple of 16, see `_padded_grouped_swiglu`); there is no per-token Python loop.
 """
 
 from __future__ import annotations
