@@ -102,8 +102,7 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, load: torch.Tensor):
         """x (tokens, dim); indices, gates (tokens, k); load (N,) slots per expert -> (tokens, dim)."""
         k = indices.shape[1]
-        flat = indices.reshape(-1)
-        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        order = indices.reshape(-1).argsort(stable=True)  # (token, slot) pairs grouped by expert
         token = order // k
         w1, w2, w3 = self.w1, self.w2, self.w3
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -111,9 +110,9 @@ class RoutedExperts(nn.Module):
             w1, w2, w3 = w1.to(dt), w2.to(dt), w3.to(dt)
         cpu = x.device.type == "cpu"
         if cpu and _HAS_GROUPED_MM and dt == torch.bfloat16 and torch.is_grad_enabled():
-            ys = _padded_grouped_swiglu(x.to(dt), token, flat[order], w1, w2, w3, load)
+            ys = _padded_grouped_swiglu(x.to(dt), token, w1, w2, w3, load)
         else:
-            xs = x.index_select(0, token).to(dt)  # backward: index_add_, ~6x faster on CPU than x[token]'s
+            xs = x.index_select(0, token).to(dt)  # backward: index_add_, faster on CPU than x[token]'s index_put
             if cpu and not torch.is_grad_enabled():  # inference: CPU grouped_mm visits empty experts too
                 ys = _looped_swiglu(xs, w1, w2, w3, load)
             elif _HAS_GROUPED_MM and dt == torch.bfloat16:
@@ -139,18 +138,18 @@ CPU_BF16_ROWS = 16  # on CPU, bf16 expert groups are padded to a multiple of thi
 
 
 @torch.compiler.disable
-def _padded_grouped_swiglu(x, token, expert, w1, w2, w3, load):
+def _padded_grouped_swiglu(x, token, w1, w2, w3, load):
     """`_grouped_swiglu` for bf16 on CPU, each expert's rows padded with zero rows to a multiple of CPU_BF16_ROWS.
 
     oneDNN builds (JIT-compiles) a bf16 matmul kernel for every new shape. The rows per expert change every
-    step, so each step compiled hundreds of kernels (measured: ~500 primitive-cache misses per 174m step, about
-    4 ms each); with counts rounded up to a multiple of 16 the shapes repeat and the misses stop after warm-up.
-    x (tokens, dim); token, expert: the expert-sorted (token, slot) pairs -> their outputs, in that order."""
+    step, so each step compiled hundreds of kernels; with counts rounded up to a multiple of 16 the shapes
+    repeat and the kernels come from oneDNN's cache after warm-up.
+    x (tokens, dim); token: the source row of each expert-sorted (token, slot) pair -> their outputs, in order."""
     m = CPU_BF16_ROWS
     counts = load.long()
     padded = (counts + m - 1) // m * m
-    rank = torch.arange(token.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
-    dest = (padded.cumsum(0) - padded)[expert] + rank  # where each real row lands in the padded layout
+    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # how far each expert's block moves
+    dest = torch.arange(token.numel(), device=x.device) + shift.repeat_interleave(counts)  # real rows, padded layout
     src = torch.full((int(padded.sum()),), x.shape[0], dtype=torch.long, device=x.device)
     src[dest] = token  # padding rows read the zero row appended below
     xs = F.pad(x, (0, 0, 0, 1)).index_select(0, src)
