@@ -69,7 +69,7 @@ class DataParallel:
         for load in loads:
             load.copy_(flat[start:start + load.numel()])
             start += load.numel()
-        return (flat[:sums.numel()] / self.world_size).cpu()
+        return (flat[:sums.numel()] / self.world_size).to(sums.device)
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on any (Ctrl-C or the time limit seen by one rank stops all)."""

@@ -163,6 +163,14 @@ class DeepSeekV3(nn.Module):
             return torch.zeros(0, 0)
         return torch.stack([m.last_load for m in layers]).cpu()
 
+    def compile_blocks(self) -> None:
+        """torch.compile each Block in place (regional compilation). The blocks run the same code, so they share
+        one compiled graph and compile time does not grow with depth (a whole-model compile traces every layer:
+        12 tiny layers in bf16 took 94 s to compile on this CPU, per-block 46 s). Parameter names are unchanged,
+        so checkpoints do not notice. The embedding and the fused head + cross-entropy stay eager."""
+        for block in self.layers:
+            block.compile()
+
     def update_router_bias(self) -> None:
         """Aux-loss-free balancing: apply each gate's bias update (call once per optimizer step)."""
         for m in self.moe_layers():

@@ -156,6 +156,7 @@ def _padded_grouped_swiglu(x, token, w1, w2, w3, load):
     return _grouped_swiglu(xs, w1, w2, w3, padded).index_select(0, dest)
 
 
+@torch.compiler.disable  # under torch.compile, the counts would become guards: a recompile per new load
 def _looped_swiglu(xs, w1, w2, w3, load):
     """The same with one matmul per expert that received rows (a host sync for the counts). Decoding one token
     on CPU touches 2 of 8 experts: 6 matmuls per layer instead of grouped_mm's 24 (it visits empty groups)."""

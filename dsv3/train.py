@@ -352,7 +352,8 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
     model.train()
     ddp = None if dp is None else dp.wrap(model)  # averages gradients over ranks
     fwd = model if ddp is None else ddp
-    fwd = torch.compile(fwd) if cfg.compile else fwd
+    if cfg.compile:
+        model.compile_blocks()
     metrics = out / "metrics.jsonl"
     if main:
         _write_jsonl(metrics, [r | {"kind": "train"} for r in history.train] +
@@ -393,36 +394,37 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
             for g in optimizer.param_groups:
                 g["lr"] = lr
             x, y = sampler.next()
-            sums = torch.zeros(4)
+            sums = torch.zeros(4, device=device)
             for i in range(cfg.grad_accum):
                 xb, yb = x[i::cfg.grad_accum].to(device), y[i::cfg.grad_accum].to(device)
                 last = i == cfg.grad_accum - 1  # DDP all-reduces the accumulated gradients on the last one only
                 with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
                     with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                         o = fwd(xb, yb, return_logits=False)  # fused chunked head + CE: no (B, T, vocab) logits
-                    parts = torch.stack([o.loss, o.ce_loss, o.aux_loss, o.z_loss]).detach().float().cpu()
-                    if not torch.isfinite(parts[0]):
-                        raise FloatingPointError(
-                            f"non-finite loss ({parts[0].item()}) at step {step + 1}; stopped without saving. "
-                            f"Last good checkpoint: {history.checkpoint or 'none yet'}")
                     (o.loss / cfg.grad_accum).backward()
-                sums += parts / cfg.grad_accum
+                sums += torch.stack([o.loss, o.ce_loss, o.aux_loss, o.z_loss]).detach().float() / cfg.grad_accum
             if dp is not None:  # global mean loss, and the global expert load for the bias update below
                 sums = dp.reduce_step(sums, model)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            if not torch.isfinite(grad_norm):
+            loads = [m.gate.step_load / m.gate.step_load.sum().clamp(min=1) for m in model.moe_layers()]
+            # one host sync per step (a GPU keeps running ahead otherwise): losses, gradient norm, expert loads
+            host = torch.cat([sums, grad_norm.reshape(1).float(), *loads]).cpu()
+            if not torch.isfinite(host[0]):  # checked before the optimizer step: nothing is corrupted or saved
+                raise FloatingPointError(
+                    f"non-finite loss ({host[0].item()}) at step {step + 1}; stopped without saving. "
+                    f"Last good checkpoint: {history.checkpoint or 'none yet'}")
+            if not torch.isfinite(host[4]):
                 raise FloatingPointError(f"non-finite gradient norm at step {step + 1}; stopped without saving. "
                                          f"Last good checkpoint: {history.checkpoint or 'none yet'}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loads = [m.gate.step_load / m.gate.step_load.sum().clamp(min=1) for m in model.moe_layers()]
-            load = torch.stack(loads).cpu().tolist() if loads else []
+            load = host[5:].view(len(loads), -1).tolist() if loads else []
             model.update_router_bias()  # b_i update (when bias_update_speed > 0); resets the step's counts
             step += 1
             dt = time.perf_counter() - t0
-            loss, ce, aux, z = sums.tolist()
+            loss, ce, aux, z = host[:4].tolist()
             rec = {"step": step, "loss": loss, "ce": ce, "aux": aux, "z": z, "lr": lr,
-                   "grad_norm": grad_norm.item(), "tokens_per_s": x.numel() * world / dt,
+                   "grad_norm": host[4].item(), "tokens_per_s": x.numel() * world / dt,
                    "elapsed": time.perf_counter() - t_start,
                    "expert_load": [[round(v, 5) for v in row] for row in load]}
             history.train.append(rec)
