@@ -13,15 +13,16 @@ def grads(m):
     return [p.grad.clone() for p in m.parameters()]
 
 
+@pytest.mark.parametrize("vocab", [512, 500])  # 500: the accelerator branch's logits rows are padded to 512
 @pytest.mark.parametrize("inplace", [True, False])  # False: the accelerator branch (fresh tensors), run on CPU
 @pytest.mark.parametrize("chunk", [1024, 7])  # one chunk, and many chunks with a ragged last one
-def test_fused_cross_entropy_equals_plain_loss_and_grads(chunk, inplace, monkeypatch):
+def test_fused_cross_entropy_equals_plain_loss_and_grads(chunk, inplace, vocab, monkeypatch):
     monkeypatch.setattr(model_mod, "CE_CHUNK", chunk)
     monkeypatch.setattr(model_mod, "CE_CHUNK_ACCEL", chunk)
     monkeypatch.setattr(model_mod, "INPLACE_CE_DEVICES", ("cpu",) if inplace else ())
     torch.manual_seed(0)
-    m = dsv3.DeepSeekV3(small_cfg()).train()
-    x, y = torch.randint(0, 512, (3, 17)), torch.randint(0, 512, (3, 17))
+    m = dsv3.DeepSeekV3(small_cfg(vocab_size=vocab)).train()
+    x, y = torch.randint(0, vocab, (3, 17)), torch.randint(0, vocab, (3, 17))
     y[0, :5] = -100  # ignored positions (padding)
     ref = m(x, y)
     ref.loss.backward()
@@ -29,7 +30,7 @@ def test_fused_cross_entropy_equals_plain_loss_and_grads(chunk, inplace, monkeyp
     m.zero_grad()
     out = m(x, y, return_logits=False)
     out.loss.backward()
-    assert out.logits is None and ref.logits.shape == (3, 17, 512)
+    assert out.logits is None and ref.logits.shape == (3, 17, vocab)
     assert out.ce_loss.item() == pytest.approx(ref.ce_loss.item(), rel=1e-6)
     for a, b in zip(grads(m), g_ref, strict=True):
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-4)
@@ -41,8 +42,8 @@ def test_fused_cross_entropy_bf16_and_no_grad(inplace, monkeypatch):
     monkeypatch.setattr(model_mod, "CE_CHUNK", 7)
     monkeypatch.setattr(model_mod, "CE_CHUNK_ACCEL", 7)
     torch.manual_seed(0)
-    m = dsv3.DeepSeekV3(small_cfg()).train()
-    x, y = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    m = dsv3.DeepSeekV3(small_cfg(vocab_size=500)).train()  # not a multiple of 64: padded logits rows
+    x, y = torch.randint(0, 500, (2, 16)), torch.randint(0, 500, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref, out = m(x, y), m(x, y, return_logits=False)
     ref.loss.backward()
