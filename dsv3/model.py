@@ -55,28 +55,33 @@ class LinearCrossEntropy(torch.autograd.Function):
         inplace = h.device.type in INPLACE_CE_DEVICES
         n_rows = h.shape[0]
         chunk = max(1, min(CE_CHUNK if inplace else CE_CHUNK_ACCEL, n_rows))
+        V = weight.shape[0]
+        # accelerators: the vocabulary padded to a multiple of 64 by zero rows of W whose logits are set to -inf
+        # (probability 0, gradient 0). With the odd 50,257, cuBLAS on an H200 ran the head's three GEMMs at
+        # 92-123 TFLOP/s; padded to 50,304, at 667-756 (`python benchmarks/head_gemm.py`).
+        Vp = V if inplace else -(-V // 64) * 64
         with torch.autocast(h.device.type, enabled=False):
             hc, wc = h.to(dt), weight.to(dt)
+            if Vp != V:
+                wc = F.pad(wc, (0, 0, 0, Vp - V))
             valid = targets != -100
             n = valid.sum()
             total = h.new_zeros((), dtype=torch.float32)
             dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
-            dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
-            V = weight.shape[0]
-            # logits, then the gradient in dt. Accelerators: rows padded to a multiple of 64 elements, so the three
-            # GEMMs get an aligned leading dimension (50,257 is odd; cuBLAS on an H200 then picked pre-Hopper
-            # kernels: 25 ms of a 133 ms 174m step in `benchmarks/profile_step.py --device cuda ... --compile`)
-            z = torch.empty(chunk, V if inplace else -(-V // 64) * 64, dtype=dt, device=h.device)[:, :V]
+            dw = torch.zeros(wc.shape, dtype=torch.float32, device=h.device) if need_grad else None
+            z = torch.empty(chunk, Vp, dtype=dt, device=h.device)  # logits, then the gradient in dt
             # log-probs overwrite the logits, except bf16 logits on the in-place path: an fp32 buffer of their own
             logp = torch.empty(z.shape, dtype=torch.float32, device=h.device) if inplace and dt != torch.float32 else z
             # accelerators: a chunk's dW in dt, summed in fp32; the in-place path sums fp32 products instead
-            dw_c = torch.empty(weight.shape, dtype=dt, device=h.device) \
+            dw_c = torch.empty(wc.shape, dtype=dt, device=h.device) \
                 if need_grad and dt != torch.float32 and not inplace else None
             for i in range(0, n_rows, chunk):
                 rows = slice(i, i + chunk)
                 c = hc[rows].shape[0]
                 zc, lp = z[:c], logp[:c]
                 torch.mm(hc[rows], wc.t(), out=zc)
+                if Vp != V:
+                    zc[:, V:] = float("-inf")  # the padding classes
                 if inplace:  # in place into the reused fp32 buffer (tested here; CPU has no bf16 -> fp32 variant)
                     torch.ops.aten._log_softmax.out(zc if lp is zc else lp.copy_(zc), 1, False, out=lp)
                 else:  # accelerators: a fresh tensor from the caching allocator costs nothing; no aliasing
@@ -93,6 +98,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                     else:
                         dw.add_(torch.mm(g.t(), hc[rows] * ok[:, None].to(dt), out=dw_c))
         ctx.save_for_backward(dh, dw, n)
+        ctx.vocab = V
         return total / n
 
     @staticmethod
@@ -100,7 +106,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         dh, dw, n = ctx.saved_tensors
         scale = grad / n  # in place: dW is as large as the embedding (a second backward fails the version check)
         return dh.mul_(scale).to(ctx.h_dtype) if dh is not None else None, \
-            dw.mul_(scale).to(ctx.w_dtype) if dw is not None else None, None
+            dw.mul_(scale)[:ctx.vocab].to(ctx.w_dtype) if dw is not None else None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
