@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One prepared GPU run (about 6 minutes on one H200), each stage under its own time limit, so one failing stage
+# One prepared GPU run (about 5 minutes on one H200), each stage under its own time limit, so one failing stage
 # leaves the others' figures:
 #   1. benchmarks/gpu_check.py: dsv3's numbers on the device (fp32 vs CPU, bf16 dispatch, cached decoding,
 #      compiled vs eager, a learning step);
 #   2. the benchmark: matmul peak and copy bandwidth; the 174m step, batch 16 x 1024, bf16 autocast, eager and
 #      torch.compile'd (per block), with transformers' twin; MFU against 790 TFLOP/s dense bf16;
 #   3. the trainer itself (`python -m dsv3 train --preset 174m --compile`, the phase-1 shape) for 2 minutes
-#      on Tiny Shakespeare: tokens/s of real steps, and phase 1 (5000 steps x 16 x 1024 tokens) extrapolated.
+#      on Tiny Shakespeare: tokens/s of real steps, and phase 1 (5000 steps x 16 x 1024 tokens) extrapolated;
+#   4. where the compiled step's time goes (benchmarks/profile_step.py) and the output head's GEMMs
+#      (benchmarks/head_gemm.py).
 # Target (issue 6): >= 275k tokens/s, i.e. phase 1 in <= 5 minutes.
 #   DSV3_CORPUS=... TIKTOKEN_CACHE_DIR=... [PYTHON=python3] bash benchmarks/gpu.sh [OUT_DIR]
 set -uo pipefail
@@ -35,3 +37,7 @@ print(f"trainer: {len(train)} steps, median {tps:,.0f} tokens/s after step 10; f
       f"(compile); phase 1 (5000 x 16 x 1024 tokens) at this rate: {5000 * 16 * 1024 / tps / 60:.1f} min; "
       f"val {[round(r['val_loss'], 3) for r in rows if r['kind'] == 'val']}")
 PY
+echo "== 4. profile of the compiled step; the head's GEMMs"
+timeout 100 "$py" benchmarks/profile_step.py --device cuda --preset 174m --batch 16 --seq 1024 --bf16 --compile \
+    --rows 20 2>&1 | grep -v "Warning\|warn" | tee "$out/profile-cuda.txt"
+timeout 60 "$py" benchmarks/head_gemm.py --device cuda 2>&1 | tee "$out/head-gemm.txt"

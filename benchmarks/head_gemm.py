@@ -8,6 +8,7 @@ Prints the median time of 10 runs after 3 warm-ups and the TFLOP/s of the unpadd
 """
 
 import argparse
+import time
 
 import torch
 
@@ -16,8 +17,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rows", type=int, default=4096)
-    dev = p.parse_args().device
-    rows = p.parse_args().rows
+    args = p.parse_args()
+    dev, rows = args.device, args.rows
     V, Vp, D = 50257, 50304, 576
     dt = torch.bfloat16
     torch.manual_seed(0)
@@ -35,8 +36,6 @@ def main() -> None:
         "dW g.T @ h, vocab 50304": lambda: gp.t() @ h,
     }
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    import time
-
     for name, f in cases.items():
         for _ in range(3):
             f()
