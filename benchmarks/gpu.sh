@@ -40,4 +40,4 @@ PY
 echo "== 4. profile of the compiled step; the head's GEMMs"
 timeout 100 "$py" benchmarks/profile_step.py --device cuda --preset 174m --batch 16 --seq 1024 --bf16 --compile \
     --rows 20 2>&1 | grep -v "Warning\|warn" | tee "$out/profile-cuda.txt"
-timeout 60 "$py" benchmarks/head_gemm.py --device cuda 2>&1 | tee "$out/head-gemm.txt"
+timeout 60 "$py" benchmarks/head_gemm.py 2>&1 | tee "$out/head-gemm.txt"

@@ -9,13 +9,13 @@ waits for the host).
 """
 
 import argparse
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dsv3
 import dsv3.model as model_mod
+from dsv3.bench import interleaved
 
 
 def main() -> None:
@@ -52,16 +52,7 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(5):
-        sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
-    step_s = sorted(times)[2]
+    step_s = interleaved({"step": step}, reps=5, warmup=3, device=dev.type)["step"]["median"]
     print(f"{args.preset} {args.batch}x{args.seq} {'bf16' if args.bf16 else 'fp32'} on {dev}"
           f"{' compiled' if args.compile else ''}, threads {torch.get_num_threads()}: step {step_s:.4f} s "
           f"({args.batch * args.seq / step_s:,.0f} tokens/s)")

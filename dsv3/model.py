@@ -58,7 +58,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         V = weight.shape[0]
         # accelerators: the vocabulary padded to a multiple of 64 by zero rows of W whose logits are set to -inf
         # (probability 0, gradient 0). With the odd 50,257, cuBLAS on an H200 ran the head's three GEMMs at
-        # 92-123 TFLOP/s; padded to 50,304, at 667-756 (`python benchmarks/head_gemm.py`).
+        # 92-123 TFLOP/s; padded to 50,304, at 667-756 (`python benchmarks/head_gemm.py` there).
         Vp = V if inplace else -(-V // 64) * 64
         with torch.autocast(h.device.type, enabled=False):
             hc, wc = h.to(dt), weight.to(dt)
@@ -175,9 +175,8 @@ class DeepSeekV3(nn.Module):
 
     def compile_blocks(self) -> None:
         """torch.compile each Block in place (regional compilation). The blocks run the same code, so they share
-        one compiled graph and compile time does not grow with depth (a whole-model compile traces every layer:
-        12 tiny layers in bf16 took 94 s to compile on this CPU, per-block 46 s). Parameter names are unchanged,
-        so checkpoints do not notice. The embedding and the fused head + cross-entropy stay eager."""
+        one compiled graph (tests/test_perf.py) where a whole-model compile traces every layer. Parameter names
+        are unchanged, so checkpoints do not notice. The embedding and the fused head + cross-entropy stay eager."""
         for block in self.layers:
             block.compile()
 
