@@ -4,9 +4,10 @@
   train    -- training-step tokens/s, achieved FLOP/s and fraction of peak for `tiny` and `174m`, fp32 and
               bf16 autocast, side by side with transformers' DeepseekV3ForCausalLM holding the same weights
   dispatch -- MoE grouped dispatch vs a naive loop over experts with boolean masks (174m layer shape)
-  decode   -- greedy decoding (batch 1, prompt 32, 128 new): absorbed / naive latent cache, no cache,
-              transformers `generate`; tokens/s, cache bytes per token per layer, fraction of the
-              memory-bandwidth floor (active weight bytes per token / measured bandwidth)
+  decode   -- greedy decoding (batch 1, prompt 32, 128 new): absorbed latent cache (eager and with the step
+              compiled), naive latent cache, no cache, transformers `generate`; tokens/s, cache bytes per
+              token per layer, fraction of the memory-bandwidth floor (active weight bytes per token /
+              measured bandwidth)
   memory   -- peak RSS of a process running 174m training steps (one subprocess per variant)
 
 Interleaving: each repetition runs every variant once (in a rotating order) so machine drift hits all
@@ -307,21 +308,25 @@ def bench_dispatch(reps: int, tokens: int = 512) -> dict:
 # --- 5. decoding --------------------------------------------------------------------------------------
 @torch.no_grad()
 def greedy(model: DeepSeekV3, prompt: torch.Tensor, new: int, mode: str) -> torch.Tensor:
-    """Greedy decoding with the latent cache (mode 'absorbed' / 'naive') or recomputing everything ('none')."""
+    """Greedy decoding with the latent cache (mode 'absorbed' / 'naive'; 'absorbed+compile': the one-token steps by
+    `decode_step(compiled=True)`) or recomputing everything ('none')."""
     model.eval()
     seq = prompt
     if mode == "none":
         for _ in range(new):
-            nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)
+            nxt = model(seq, last_logits=True).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
         return seq
-    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + new, absorb=mode == "absorbed")
-    logits = model(prompt, cache=cache).logits
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + new, absorb=mode != "naive")
+    logits = model(prompt, cache=cache, last_logits=True).logits[:, -1]
     out = [prompt]
     for _ in range(new):
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        nxt = logits.argmax(-1, keepdim=True)
         out.append(nxt)
-        logits = model(nxt, cache=cache).logits
+        if mode == "absorbed+compile":
+            logits = model.decode_step(nxt, cache, compiled=True)
+        else:
+            logits = model(nxt, cache=cache, last_logits=True).logits[:, -1]
     return torch.cat(out, dim=1)
 
 
@@ -354,8 +359,7 @@ def _decode_preset(preset, hf, reps, bandwidth_gbs, prompt_len, new, no_cache_re
     ours, theirs = build_pair(preset, hf)
     cfg = ours.cfg
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(2))
-    fns = {"absorbed": lambda: greedy(ours, prompt, new, "absorbed"),
-           "naive": lambda: greedy(ours, prompt, new, "naive")}
+    fns = {m: (lambda m=m: greedy(ours, prompt, new, m)) for m in ("absorbed", "absorbed+compile", "naive")}
     if no_cache_reps:
         fns["no_cache"] = lambda: greedy(ours, prompt, new, "none")
     if theirs is not None:
@@ -364,14 +368,14 @@ def _decode_preset(preset, hf, reps, bandwidth_gbs, prompt_len, new, no_cache_re
                                                      do_sample=False, pad_token_id=0)
     with torch.no_grad():  # same greedy tokens (this also warms every path up)
         ref = greedy(ours, prompt, new, "absorbed")
-        same = {"naive": torch.equal(ref, greedy(ours, prompt, new, "naive"))}
+        same = {m: torch.equal(ref, greedy(ours, prompt, new, m)) for m in ("absorbed+compile", "naive")}
         if theirs is not None:
             same["hf_generate"] = torch.equal(ref, fns["hf_generate"]())
     res = interleaved(fns, reps=reps, warmup=0, cap={"no_cache": no_cache_reps})
     active = count_params(ours)["active"]
     floor = bandwidth_gbs * 1e9 / (active * ours.embed.weight.element_size())
     per_layer = cfg.cache_values_per_token * ours.embed.weight.element_size()
-    cache_bytes = {"absorbed": per_layer, "naive": per_layer, "no_cache": 0}
+    cache_bytes = {"absorbed": per_layer, "absorbed+compile": per_layer, "naive": per_layer, "no_cache": 0}
     if theirs is not None:
         with torch.no_grad():
             cache_bytes["hf_generate"] = _hf_cache_bytes_per_token_layer(theirs, prompt, new)
@@ -502,11 +506,11 @@ def table(res: dict) -> str:
         lines.append(f"decode {preset} (batch 1, prompt {row['prompt']}, {row['new_tokens']} new, greedy; "
                      f"bandwidth floor {row['bandwidth_floor_tokens_per_s']:.0f} tok/s; same tokens "
                      f"{row['same_tokens_as_absorbed']})")
-        lines.append(f"  {'method':<12}{'tok/s':>9}{'vs HF':>7}{'of floor':>10}{'cache B/tok/layer':>19}{'spread':>8}")
+        lines.append(f"  {'method':<18}{'tok/s':>9}{'vs HF':>7}{'of floor':>10}{'cache B/tok/layer':>19}{'spread':>8}")
         for name, v in row["methods"].items():
             vs = f"{v['vs_hf']:.2f}" if "vs_hf" in v else "-"
             cb = v["cache_bytes_per_token_per_layer"]
-            lines.append(f"  {name:<12}{v['tokens_per_s']:>9.1f}{vs:>7}{v['fraction_of_floor']:>10.0%}"
+            lines.append(f"  {name:<18}{v['tokens_per_s']:>9.1f}{vs:>7}{v['fraction_of_floor']:>10.0%}"
                          f"{('-' if cb is None else f'{cb:,}'):>19}{v['spread']:>8.0%}")
     for key, v in res.get("memory", {}).items():
         lines.append(f"peak RSS {key}: " + (f"{v['peak_rss_mb']:.0f} MB (after building the model: "

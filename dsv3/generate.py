@@ -11,6 +11,9 @@ Cache modes: "absorbed" (default: attention runs against the cached latent c_kv,
 "naive" (the cached latent is up-projected to per-head keys and values every step) and "none" (the
 whole sequence is recomputed every step; for tests and benchmarks). The cache is preallocated for
 prompt + max_new_tokens positions. Prompts longer than max_seq_len are refused, never truncated.
+compile=True (absorbed cache) runs each one-token step through `DeepSeekV3.decode_step` compiled with
+torch.compile: the first call compiles (10-20 s on a 2-core CPU), later ones decode faster than the eager
+step (`python -m dsv3 bench`, section decode).
 Randomness comes only from a `torch.Generator` (the `seed` argument), never from the global RNG.
 `dsv3.generate` is the function (the package exports it over this module's name): reach the rest
 with `from dsv3.generate import generate_tokens, sample`.
@@ -58,7 +61,7 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _check_sampling(model, temperature, top_k, top_p, cache) -> None:
+def _check_sampling(model, temperature, top_k, top_p, cache, compile=False) -> None:
     if not isinstance(model, DeepSeekV3):
         raise ValueError(f"model must be a dsv3.DeepSeekV3, got {type(model).__name__}")
     if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) or \
@@ -71,6 +74,11 @@ def _check_sampling(model, temperature, top_k, top_p, cache) -> None:
         raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {', '.join(map(repr, CACHE_MODES))}, got {cache!r}")
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
+    if compile and (cache != "absorbed" or model.cfg.attn != "mla"):
+        raise ValueError(f"compile=True needs an MLA model and cache='absorbed' (got attn={model.cfg.attn!r}, "
+                         f"cache={cache!r})")
 
 
 def _check_length(model, prompt_len: int, max_new_tokens) -> None:
@@ -123,7 +131,8 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
 
 def generate_tokens(model: DeepSeekV3, tokens: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, seed=None, cache: str = "absorbed",
-                    key_mask: torch.Tensor | None = None, trace: list | None = None) -> Iterator[torch.Tensor]:
+                    key_mask: torch.Tensor | None = None, trace: list | None = None,
+                    compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next id of every row, a (B,) tensor, up to max_new_tokens times. Stop early by breaking.
 
     tokens (B, P) are the prompts, left-padded; key_mask (B, P) marks the real tokens (False = padding).
@@ -131,20 +140,21 @@ def generate_tokens(model: DeepSeekV3, tokens: torch.Tensor, max_new_tokens: int
     one position against the cache) when the next one is requested. With `trace` (a list), every
     forward appends (expert_ids, gates), each (n_moe_layers, B, positions, top-k); after the last
     token, one more forward routes it, so the trace covers all P + max_new_tokens positions.
-    The model is put in eval mode for the loop and restored afterwards.
+    The model is put in eval mode for the loop and restored afterwards. compile=True runs the one-position
+    steps through `DeepSeekV3.decode_step(compiled=True)` (torch.compile; the first call compiles for a while).
     """
-    _check_sampling(model, temperature, top_k, top_p, cache)
+    _check_sampling(model, temperature, top_k, top_p, cache, compile)
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] < 1:
         raise ValueError(f"tokens must be a (batch, prompt_len >= 1) tensor, got {getattr(tokens, 'shape', tokens)}")
     _check_length(model, tokens.shape[1], max_new_tokens)
     if key_mask is not None and (key_mask.shape != tokens.shape or key_mask.dtype != torch.bool):
         raise ValueError(f"key_mask must be a bool tensor shaped like tokens {tuple(tokens.shape)}")
     gen = _generator(seed, model.embed.weight.device)  # checked even when greedy leaves it unused
-    return _loop(model, tokens, max_new_tokens, (temperature, top_k, top_p, gen), cache, key_mask, trace)
+    return _loop(model, tokens, max_new_tokens, (temperature, top_k, top_p, gen), cache, key_mask, trace, compile)
 
 
 @torch.inference_mode()
-def _loop(model, tokens, max_new_tokens, sampling, cache, key_mask, trace):
+def _loop(model, tokens, max_new_tokens, sampling, cache, key_mask, trace, compile):
     device = model.embed.weight.device
     B, P = tokens.shape
     N = P + max_new_tokens
@@ -164,19 +174,21 @@ def _loop(model, tokens, max_new_tokens, sampling, cache, key_mask, trace):
     def forward(start: int, end: int) -> torch.Tensor:
         """Run positions [start, end); return the logits (B, V) of the last one."""
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            if kv is not None:
-                out = model(seq[:, start:end], cache=kv)
+            if compile and end - start == 1:
+                logits = model.decode_step(seq[:, start:end], kv, compiled=True)
+            elif kv is not None:
+                logits = model(seq[:, start:end], cache=kv, last_logits=True).logits[:, -1]
             elif key_mask is None:
-                out = model(seq[:, :end])
+                logits = model(seq[:, :end], last_logits=True).logits[:, -1]
             else:  # no cache to reuse, but left padding needs a mask: a throwaway cache carries it
                 once = model.new_cache(B, end, absorb=False)
                 once.key_mask = key_mask[:, :end]
-                out = model(seq[:, :end], cache=once)
+                logits = model(seq[:, :end], cache=once, last_logits=True).logits[:, -1]
         if trace is not None and moes:
             n = end - start  # without a cache the MoE saw all `end` positions; keep the new ones
             trace.append((torch.stack([m.last_topk[0][:, -n:] for m in moes]),
                           torch.stack([m.last_topk[1][:, -n:].float() for m in moes])))
-        return out.logits[:, -1].float()
+        return logits.float()
 
     was_training = model.training
     model.eval()  # training mode would count routed slots into the gates' step_load
@@ -243,9 +255,9 @@ class _Row:
         return self.text[:len(self.text) - hold]
 
 
-def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, cache, trace):
+def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, cache, trace, compile):
     """Check everything, tokenize and left-pad; return the rows and the token iterator."""
-    _check_sampling(model, temperature, top_k, top_p, cache)
+    _check_sampling(model, temperature, top_k, top_p, cache, compile)
     if isinstance(stop, str):
         stop = (stop,)
     if stop is None:
@@ -262,7 +274,7 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, st
         tokens[i, P - len(row):] = torch.tensor(row)
         key_mask[i, P - len(row):] = True
     steps = generate_tokens(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, cache=cache, key_mask=key_mask, trace=trace)
+                            seed=seed, cache=cache, key_mask=key_mask, trace=trace, compile=compile)
     return [_Row(row, tuple(stop)) for row in ids], steps
 
 
@@ -286,12 +298,13 @@ def _drive(rows: list[_Row], steps, max_new_tokens: int) -> Iterator[list[_Row]]
 def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 200, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | torch.Generator | None = None,
              stop: str | list[str] | None = None, cache: str = "absorbed", return_trace: bool = False,
-             on_text=None):
+             on_text=None, compile: bool = False):
     """Continue `prompt` (a string, or a list of strings generated together as one left-padded batch).
 
     Stops at <|endoftext|>, at the first of the `stop` strings (cut from the text) or after
     max_new_tokens. temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off; `seed`
-    (an int or a torch.Generator) makes sampling reproducible. `cache` is "absorbed", "naive" or "none".
+    (an int or a torch.Generator) makes sampling reproducible. `cache` is "absorbed", "naive" or "none";
+    compile=True compiles the decoding step (absorbed cache only, see the module docstring).
     Returns the continuation without the prompt (list in, list out); with return_trace=True a
     `Generation` per prompt, holding the token ids, per-token texts and the routing of every token.
     `on_text`, if given, is called after every decoded token with the text so far (a list for a list of
@@ -302,7 +315,8 @@ def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 2
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
     chunks = [] if return_trace else None
-    rows, steps = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, cache, chunks)
+    rows, steps = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, cache, chunks,
+                           compile)
     for _ in _drive(rows, steps, max_new_tokens):
         if on_text is not None:
             on_text([r.ready() for r in rows] if batch else rows[0].ready())
@@ -330,7 +344,7 @@ def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 2
 
 def stream(model: DeepSeekV3, prompt: str, max_new_tokens: int = 200, *, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, seed: int | torch.Generator | None = None, stop: str | list[str] | None = None,
-           cache: str = "absorbed") -> Iterator[str]:
+           cache: str = "absorbed", compile: bool = False) -> Iterator[str]:
     """Like `generate` for one prompt, but yield the continuation piece by piece as it is decoded.
 
     A piece is yielded as soon as it is valid UTF-8 (a character split across tokens waits for its last
@@ -339,7 +353,8 @@ def stream(model: DeepSeekV3, prompt: str, max_new_tokens: int = 200, *, tempera
     """
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string (stream takes one prompt), got {type(prompt).__name__}")
-    rows, steps = _prepare(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, stop, cache, None)
+    rows, steps = _prepare(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, stop, cache, None,
+                           compile)
 
     def pieces() -> Iterator[str]:
         shown = 0
@@ -375,6 +390,8 @@ def add_cli_args(p) -> None:
                       help="up-project the cached latent every step instead of the absorbed path")
     mode.add_argument("--no-cache", dest="cache", action="store_const", const="none",
                       help="recompute the whole sequence every step")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step (absorbed cache; faster per token after a compile)")
 
 
 def cmd_generate(args) -> int:
@@ -395,7 +412,7 @@ def cmd_generate(args) -> int:
         raise ValueError(f"--checkpoint {args.checkpoint}: could not load it ({type(e).__name__}: "
                          f"{' '.join(str(e).split())})") from None
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-              top_p=args.top_p, seed=args.seed, stop=args.stop, cache=args.cache)
+              top_p=args.top_p, seed=args.seed, stop=args.stop, cache=args.cache, compile=args.compile)
     if args.stream:
         pieces = stream(model, args.prompt, **kw)  # checks the arguments before printing anything
         sys.stdout.write(args.prompt)

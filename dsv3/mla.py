@@ -80,7 +80,8 @@ class MLA(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         self.scale = 1.0 / math.sqrt(cfg.qk_head_dim)  # softmax scale over nope + rope dims
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer_id: int = 0, mask=None):
+    def _project(self, x, cos, sin):
+        """x (B, T, dim) -> q_nope, q_pe (B, H, T, ·), and what is cached: c_kv (B, T, r), k_pe (B, T, rope)."""
         B, T, _ = x.shape
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)
@@ -88,6 +89,11 @@ class MLA(nn.Module):
         c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
         c_kv = self.kv_norm(c_kv)  # the latent is normalised before caching and up-projection
         k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin).squeeze(1)  # (B, T, rope), shared by all heads
+        return q_nope, q_pe, c_kv, k_pe
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer_id: int = 0, mask=None):
+        T = x.shape[1]
+        q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
         if cache is not None:
             s = cache.pos
             cache.c_kv[layer_id, :, s:s + T] = c_kv
@@ -98,6 +104,16 @@ class MLA(nn.Module):
                 if cache.absorb:
                     return self.wo(self._absorbed(q_nope, q_pe, c_kv, k_pe, mask))
         return self.wo(self._naive(q_nope, q_pe, c_kv, k_pe, mask))
+
+    def decode(self, x, cos, sin, c_kv, k_pe, pos, mask):
+        """One new position per row with static shapes, for a compiled decoding step (DeepSeekV3.decode_step): its
+        latent is written at `pos` (a 0-d tensor, so a new position is not a new graph) of this layer's cache
+        c_kv (B, S, r) and k_pe (B, S, rope), and absorbed attention runs over all S slots; `mask` (B, S) is True
+        for the slots it may see (those up to pos, minus padding)."""
+        q_nope, q_pe, c, kpe = self._project(x, cos, sin)
+        c_kv.index_copy_(1, pos.view(1), c.to(c_kv.dtype))
+        k_pe.index_copy_(1, pos.view(1), kpe.to(k_pe.dtype))
+        return self.wo(self._absorbed(q_nope, q_pe, c_kv.to(x.dtype), k_pe.to(x.dtype), mask[:, None, None]))
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Up-project the latent to per-head keys and values, then standard attention."""

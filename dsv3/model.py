@@ -131,6 +131,19 @@ class Block(nn.Module):
             return x + y, balance, z
         return x + self.ffn(h), None, None
 
+    def decode(self, x, cos, sin, c_kv, k_pe, pos, mask):
+        """forward() for one new position per row against this block's slice of an absorbed MLA cache, with static
+        shapes (see MLA.decode); returns x only. What DeepSeekV3.decode_step runs, eagerly or compiled."""
+        x = x + self.attn.decode(self.attn_norm(x), cos, sin, c_kv, k_pe, pos, mask)
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoE):
+            return x + self.ffn(h, losses=False, gathered=True)[0]
+        return x + self.ffn(h)
+
+
+# one graph for every block of every model of the same shapes: the blocks' weights are inputs of the graph
+_compiled_block_decode = torch.compile(Block.decode, fullgraph=True)
+
 
 class DeepSeekV3(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -179,6 +192,33 @@ class DeepSeekV3(nn.Module):
         are unchanged, so checkpoints do not notice. The embedding and the fused head + cross-entropy stay eager."""
         for block in self.layers:
             block.compile()
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache, *, compiled: bool = False) -> torch.Tensor:
+        """Logits (B, vocab) of one new position per row, tokens (B, 1), against an absorbed MLA cache, which
+        advances by one: forward(tokens, cache=cache) with static shapes. The position is a tensor and attention
+        covers the whole preallocated cache under a mask, so with compiled=True every block runs one
+        torch.compile'd graph, shared by all blocks and all positions (compiled on the first call; the blocks'
+        many small ops become a few fused kernels). For decoding: no gradients, no router losses."""
+        if self.cfg.attn != "mla" or not cache.absorb:
+            raise ValueError("decode_step needs an MLA model and an absorbed cache (new_cache(..., absorb=True))")
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] != 1:
+            raise ValueError(f"decode_step takes tokens of shape (batch, 1), got {getattr(tokens, 'shape', tokens)}")
+        self._check(tokens, None, cache)
+        dev = self.rope_cos.device
+        pos = torch.tensor(cache.pos, device=dev)
+        cos, sin = self.rope_cos.index_select(0, pos.view(1)), self.rope_sin.index_select(0, pos.view(1))
+        mask = (torch.arange(cache.max_len, device=dev) <= pos)[None]  # (1, S): the slots written so far
+        if cache.key_mask is not None:  # never attend to padding, but let every query see itself
+            mask = mask & cache.key_mask
+            mask[:, cache.pos] = True
+        x = self.embed(tokens)
+        block_decode = _compiled_block_decode if compiled else Block.decode
+        for block in self.layers:
+            i = block.layer_id
+            x = block_decode(block, x, cos, sin, cache.c_kv[i], cache.k_pe[i], pos, mask)
+        cache.pos += 1
+        return self.head(self.norm(x))[:, -1]
 
     def update_router_bias(self) -> None:
         """Aux-loss-free balancing: apply each gate's bias update (call once per optimizer step)."""
@@ -237,9 +277,11 @@ class DeepSeekV3(nn.Module):
         return mask[None, None]
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, *, return_logits: bool = True) -> ModelOutput:
+                cache: KVCache | None = None, *, return_logits: bool = True, last_logits: bool = False) -> ModelOutput:
         """return_logits=False (with targets): the loss comes from the fused chunked head + cross-entropy
-        (`linear_cross_entropy`), the (B, T, vocab) logits are never built and `logits` is None; for training."""
+        (`linear_cross_entropy`), the (B, T, vocab) logits are never built and `logits` is None; for training.
+        last_logits=True (without targets): only the last position's logits, (B, 1, vocab), which is all that
+        decoding needs; the head skips the prompt's other positions."""
         self._check(tokens, targets, cache)
         T = tokens.shape[1]
         start = cache.pos if cache is not None else 0
@@ -259,6 +301,10 @@ class DeepSeekV3(nn.Module):
             logits = None
             ce = linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.reshape(-1).long())
         else:
+            if last_logits:
+                if targets is not None:
+                    raise ValueError("last_logits=True is for decoding; it cannot be combined with targets")
+                h = h[:, -1:]
             logits = self.head(h)
             if targets is None:
                 return ModelOutput(logits=logits)

@@ -125,6 +125,17 @@ class RoutedExperts(nn.Module):
         return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)
 
 
+    def gathered(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """The same output for a few tokens (compiled decoding, DeepSeekV3.decode_step): each token's k experts are
+        read by index, with no sort, host sync or data-dependent shape. Written as products and sums that
+        torch.compile fuses into loops over the chosen experts' weights in place; run eagerly, it would build
+        (tokens, k, dim, inter) tensors."""
+        a1 = (x[:, None, :, None] * self.w1[indices]).sum(2)  # (tokens, k, inter)
+        a3 = (x[:, None, :, None] * self.w3[indices]).sum(2)
+        y = ((F.silu(a1) * a3).unsqueeze(-1) * self.w2[indices]).sum(2)  # (tokens, k, dim)
+        return (gates.unsqueeze(-1).to(y.dtype) * y).sum(1).to(x.dtype)
+
+
 def _grouped_swiglu(xs, w1, w2, w3, load):
     """Every expert's SwiGLU on its contiguous slice of the expert-sorted rows: one grouped_mm per weight."""
     offs = load.cumsum(0).to(torch.int32)
@@ -182,14 +193,14 @@ class MoE(nn.Module):
         self.trace = False  # when True, keep the last forward's top-k ids and gates in last_topk
         self.last_topk: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor, losses: bool = True):
+    def forward(self, x: torch.Tensor, losses: bool = True, gathered: bool = False):
         """x (B, T, dim) -> (output, balance loss, z-loss); the losses are unweighted (None when losses=False:
-        decoding has no use for them)."""
+        decoding has no use for them). gathered=True: the routed experts by `RoutedExperts.gathered`."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         gates, indices, probs, logits = self.gate(x)
         load = expert_load(indices, self.gate.n_experts)
-        y = self.experts(x, indices, gates, load)
+        y = self.experts.gathered(x, indices, gates) if gathered else self.experts(x, indices, gates, load)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         with torch.no_grad():

@@ -54,6 +54,7 @@ def test_greedy_modes_agree(model, cfg):
     assert a.shape == (1, 11) and torch.equal(a[:, :5], prompt)
     assert torch.equal(a, bench.greedy(model, prompt, 6, "naive"))
     assert torch.equal(a, bench.greedy(model, prompt, 6, "none"))
+    assert torch.equal(a, bench.greedy(model, prompt, 6, "absorbed+compile"))
 
 
 def test_train_section_against_hf_twin():
@@ -78,7 +79,8 @@ def test_decode_section_cache_bytes_and_hf_tokens():
     assert m["absorbed"]["cache_bytes_per_token_per_layer"] == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
     assert m["no_cache"]["cache_bytes_per_token_per_layer"] == 0
     assert m["hf_generate"]["cache_bytes_per_token_per_layer"] > 0
-    assert row["same_tokens_as_absorbed"] == {"naive": True, "hf_generate": True}
+    assert row["same_tokens_as_absorbed"] == {"absorbed+compile": True, "naive": True, "hf_generate": True}
+    assert m["absorbed+compile"]["cache_bytes_per_token_per_layer"] == m["absorbed"]["cache_bytes_per_token_per_layer"]
     assert row["bandwidth_floor_tokens_per_s"] == pytest.approx(10e9 / (row["active_params"] * 4))
 
 

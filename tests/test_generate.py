@@ -47,8 +47,8 @@ class Scripted(dsv3.DeepSeekV3):
         super().__init__(cfg)
         self.n_prompt, self.script = n_prompt, script
 
-    def forward(self, tokens, targets=None, cache=None):
-        out = super().forward(tokens, targets, cache)
+    def forward(self, tokens, targets=None, cache=None, **kw):
+        out = super().forward(tokens, targets, cache, **kw)
         i = (cache.pos if cache is not None else tokens.shape[1]) - self.n_prompt
         logits = torch.full_like(out.logits, -1e4)
         logits[:, -1, self.script[min(i, len(self.script) - 1)]] = 0.0
@@ -197,6 +197,26 @@ def test_left_padded_batch_equals_one_prompt_at_a_time(model):
                                                                    for p in prompts[:2]]
 
 
+def test_compiled_decoding_equals_eager_in_one_graph_for_all_blocks(model):
+    """compile=True: the same tokens, routing and gates as eager decoding (one prompt, and a left-padded batch),
+    from one compiled graph that every block shares, with no graph break and no recompile per position."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    prompts = ["JULIET: O Romeo, Romeo, wherefore art thou", "ROMEO:"]
+    for graphs, batch in ((1, prompts[:1]), (2, prompts)):  # 2 blocks x 23 one-token steps: one graph
+        ref = dsv3.generate(model, batch, 24, temperature=0, return_trace=True)
+        got = dsv3.generate(model, batch, 24, temperature=0, return_trace=True, compile=True)
+        for a, b in zip(ref, got, strict=True):
+            assert a.tokens == b.tokens and a.text == b.text
+            assert torch.equal(a.expert_ids, b.expert_ids)
+            torch.testing.assert_close(a.gates, b.gates, atol=1e-5, rtol=1e-4)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # the batch of two: one more
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert dsv3.generate(model, prompts[0], 24, temperature=0, compile=True) == ref[0].text
+
+
 def test_rows_finish_independently(model):
     prompts = ["ROMEO:", "JULIET: O Romeo"]
     alone = [dsv3.generate(model, p, 30, temperature=0) for p in prompts]
@@ -285,6 +305,8 @@ N_PROMPT = len(get_tokenizer().encode_ordinary(PROMPT))
     (dict(prompt=["a", 3]), r"prompt must be a string or a non-empty list of strings"),
     (dict(prompt=[]), r"prompt must be a string or a non-empty list of strings"),
     (dict(cache="fast"), r"cache must be one of 'absorbed', 'naive', 'none'"),
+    (dict(cache="naive", compile=True), r"compile=True needs an MLA model and cache='absorbed'"),
+    (dict(compile="yes"), r"compile must be True or False"),
     (dict(stop=""), r"stop must be a non-empty string"),
     (dict(seed=-1), r"seed must be None, an int >= 0 or a torch.Generator"),
     (dict(seed="1", temperature=0), r"seed must be None, an int >= 0 or a torch.Generator"),

@@ -138,3 +138,35 @@ def test_gqa_cache_equals_full():
         inc, cache = decode(model, tokens, absorb=False)
     assert (inc - full).abs().max() <= 1e-4
     assert cache.bytes_per_token() == 2 * 2 * 16 * 2 * 4  # k and v, 2 kv heads x 16, 2 layers, fp32
+
+
+def test_decode_step_equals_cached_forward_with_padding(model, cfg):
+    """decode_step (static shapes: the position is a tensor, attention covers the whole cache under a mask) gives
+    the logits and cache contents of forward(tokens, cache=...), also for a left-padded row."""
+    torch.manual_seed(2)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 14))
+    key_mask = torch.ones(2, 14, dtype=torch.bool)
+    key_mask[1, :3] = False  # row 1: three padding tokens that no query may see
+    with torch.no_grad():
+        caches = [model.new_cache(2, 14) for _ in range(2)]
+        for c in caches:
+            c.key_mask = key_mask
+            model(tokens[:, :4], cache=c)
+        for t in range(4, 14):
+            ref = model(tokens[:, t:t + 1], cache=caches[0]).logits[:, -1]
+            got = model.decode_step(tokens[:, t:t + 1], caches[1])
+            assert (got - ref).abs().max() <= 1e-5
+    assert caches[1].pos == 14
+    for a, b in zip(caches[0].tensors, caches[1].tensors, strict=True):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_decode_step_refuses_what_it_cannot_do(model, cfg):
+    with pytest.raises(ValueError, match="absorbed cache"):
+        model.decode_step(torch.zeros(1, 1, dtype=torch.long), model.new_cache(1, 4, absorb=False))
+    with pytest.raises(ValueError, match=r"tokens of shape \(batch, 1\)"):
+        model.decode_step(torch.zeros(1, 2, dtype=torch.long), model.new_cache(1, 4))
+    cache = model.new_cache(1, 1)
+    model.decode_step(torch.zeros(1, 1, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="cache's free space"):
+        model.decode_step(torch.zeros(1, 1, dtype=torch.long), cache)

@@ -92,6 +92,16 @@ def test_bad_tokens_raise_value_error(model, cfg, make, words):
         model(make(cfg))
 
 
+def test_last_logits_are_the_last_position_of_the_full_logits(model, cfg):
+    x = torch.randint(0, cfg.vocab_size, (3, 9))
+    with torch.no_grad():
+        full = model(x).logits
+        last = model(x, last_logits=True).logits
+    assert last.shape == (3, 1, cfg.vocab_size) and torch.allclose(last, full[:, -1:], atol=1e-5)
+    with pytest.raises(ValueError, match="last_logits=True is for decoding"):
+        model(x, x, last_logits=True)
+
+
 def test_bad_targets_and_cache_overflow(model, cfg):
     x = torch.zeros(2, 8, dtype=torch.long)
     with pytest.raises(ValueError, match="shaped like tokens"):

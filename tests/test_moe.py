@@ -167,6 +167,18 @@ def test_inference_dispatch_equals_training_dispatch(tokens):
     assert torch.allclose(y_inf.view(-1, 64), per_token_reference(m, x.view(-1, 64)), atol=1e-4)
 
 
+def test_gathered_experts_equal_the_dispatch():
+    """RoutedExperts.gathered (compiled decoding: experts read by index, no sort or host sync) = the dispatch."""
+    m = make_moe()
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        gates, idx, _, _ = m.gate(x)
+        ref = m.experts(x, idx, gates, expert_load(idx, 8))
+        assert torch.allclose(m.experts.gathered(x, idx, gates), ref, atol=1e-5)
+        y, _, _ = m(x.unsqueeze(0), losses=False, gathered=True)
+    assert torch.allclose(y.squeeze(0), per_token_reference(m, x), atol=1e-4)
+
+
 def test_gradients_reach_exactly_the_used_experts():
     m = make_moe()
     x = torch.randn(6, 64)
