@@ -11,6 +11,7 @@ Nothing here knows about optimizers, data files or tokenizers.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -141,8 +142,12 @@ class Block(nn.Module):
         return x + self.ffn(h)
 
 
-# one graph for every block of every model of the same shapes: the blocks' weights are inputs of the graph
-_compiled_block_decode = torch.compile(Block.decode, fullgraph=True)
+@functools.cache
+def _compiled_block_decode(device_type: str):
+    """Block.decode under torch.compile: one graph for every block of every model of the same shapes (the blocks'
+    weights are inputs of the graph). On CPU the graph's launcher is C++ (cpp_wrapper) instead of Python: less
+    overhead for each of the many small kernels of a one-token step."""
+    return torch.compile(Block.decode, fullgraph=True, options={"cpp_wrapper": device_type == "cpu"})
 
 
 class DeepSeekV3(nn.Module):
@@ -213,7 +218,7 @@ class DeepSeekV3(nn.Module):
             mask = mask & cache.key_mask
             mask[:, cache.pos] = True
         x = self.embed(tokens)
-        block_decode = _compiled_block_decode if compiled else Block.decode
+        block_decode = _compiled_block_decode(dev.type) if compiled else Block.decode
         for block in self.layers:
             i = block.layer_id
             x = block_decode(block, x, cos, sin, cache.c_kv[i], cache.k_pe[i], pos, mask)
