@@ -3,7 +3,8 @@
 Checks, each printed as PASS/FAIL with the number it compared:
   1. fp32 logits and loss on the device equal the CPU's (same weights);
   2. the bf16 grouped_mm expert dispatch equals the fp32 per-token reference (eq. 12) to bf16 precision;
-  3. greedy decoding with the absorbed latent cache gives the same tokens as without a cache;
+  3. greedy decoding with the absorbed latent cache gives the same tokens as without a cache, and the compiled
+     decoding step (`decode_step(compiled=True)`, bf16 autocast) gives the cached forward's logits;
   4. a bf16 training step with the blocks compiled (`compile_blocks`) matches the eager step;
   5. 30 bf16 AdamW steps on one batch drive the loss down (the step learns).
 
@@ -83,6 +84,17 @@ def main() -> int:
             for c in ("absorbed", "none")}
     same = (seqs["absorbed"] == seqs["none"]).float().mean().item()
     check("greedy tokens equal, absorbed cache vs no cache (fraction)", same, same == 1.0)
+    tokens = torch.randint(0, 512, (2, 40), device=dev)
+    caches = [m.new_cache(2, 40, dtype=torch.bfloat16) for _ in range(2)]
+    outs = [[], []]
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+        for c in caches:
+            m(tokens[:, :8], cache=c)
+        for t in range(8, 40):
+            outs[0].append(m(tokens[:, t:t + 1], cache=caches[0]).logits[:, -1].float())
+            outs[1].append(m.decode_step(tokens[:, t:t + 1], caches[1], compiled=True).float())
+    d = rel(torch.cat(outs[1]), torch.cat(outs[0]))
+    check("compiled decode_step vs cached forward, bf16 logits (relative)", d, d < 2e-2)
 
     # 4. compiled blocks == eager, bf16 training step
     torch.manual_seed(123)
