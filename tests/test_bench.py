@@ -81,6 +81,8 @@ def test_decode_section_cache_bytes_and_hf_tokens():
     assert m["hf_generate"]["cache_bytes_per_token_per_layer"] > 0
     assert row["same_tokens_as_absorbed"] == {"absorbed+compile": True, "naive": True, "hf_generate": True}
     assert m["absorbed+compile"]["cache_bytes_per_token_per_layer"] == m["absorbed"]["cache_bytes_per_token_per_layer"]
+    res = {"machine": bench.machine(), "decode": {"tiny": row}, "wall_s": 1.0}
+    assert row["first_compiled_run_s"] > 0 and "absorbed+compile" in bench.table(res)
     assert row["bandwidth_floor_tokens_per_s"] == pytest.approx(10e9 / (row["active_params"] * 4))
 
 

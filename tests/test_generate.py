@@ -345,9 +345,11 @@ def test_cli_generate_prints_what_generate_returns(checkpoint, capsys):
     out = capsys.readouterr().out
     want = "ROMEO:" + dsv3.generate(m.eval(), "ROMEO:", 12, temperature=0.8, top_k=50, top_p=0.95, seed=1)
     assert out == want + "\n"
-    for extra in (["--stream"], ["--stream", "--no-cache"], ["--naive-cache"]):
+    for extra in (["--stream"], ["--stream", "--no-cache"], ["--naive-cache"], ["--stream", "--compile"]):
         assert main(args + extra) == 0
         assert capsys.readouterr().out == want + "\n", extra
+    assert main(args + ["--compile", "--naive-cache"]) == 2
+    assert "compile=True needs an MLA model and cache='absorbed'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("make, match", [
