@@ -2,7 +2,8 @@
 
   find_checkpoint(root)  the newest checkpoint: $DSV3_CHECKPOINT if set, else the newest step_* folder in
                          `root` or its run folders (None if there is none)
-  Playground(model)      prompt box, max new tokens (bounded), temperature, top-k, top-p, seed, Generate;
+  Playground(model)      prompt box, max new tokens (bounded), temperature, top-k, top-p, seed, compiled
+                         decoding (off by default: the first run compiles), Generate;
                          the text streams in token by token; then a routing view colours every token by
                          its top-1 expert in a chosen MoE layer, with a legend
   show(root)             a Playground for the newest checkpoint, or an HTML message that says no
@@ -72,6 +73,9 @@ class Playground:
         self.seed = W.BoundedIntText(value=123, min=0, max=2**31 - 1, description="seed", style=style, layout=wide)
         self.layer = W.Dropdown(options=[(f"MoE layer {i}", i) for i in range(self.n_moe)], value=self.n_moe - 1
                                 if self.n_moe else None, description="routing of", style=style, layout=wide)
+        # compile=True of dsv3.generate: the same text, faster per token after a first run that compiles
+        self.compile = W.Checkbox(value=False, description="compiled decoding (the first run compiles)",
+                                  disabled=cfg.attn != "mla", indent=False, layout=wide)
         self.button = W.Button(description="Generate", button_style="primary", icon="play")
         self.status = W.HTML(value=title)
         self.output = W.HTML(value="", layout=W.Layout(width="99%", min_height="60px", border="1px solid #ddd",
@@ -79,7 +83,8 @@ class Playground:
         self.routing = W.HTML(value="", layout=W.Layout(width="99%"))
         for w, cls in [(self.prompt, "gen-prompt"), (self.max_new_tokens, "gen-max-tokens"),
                        (self.temperature, "gen-temperature"), (self.top_k, "gen-top-k"), (self.top_p, "gen-top-p"),
-                       (self.seed, "gen-seed"), (self.layer, "gen-layer"), (self.button, "gen-button"),
+                       (self.seed, "gen-seed"), (self.layer, "gen-layer"), (self.compile, "gen-compile"),
+                       (self.button, "gen-button"),
                        (self.status, "gen-status"), (self.output, "gen-output"), (self.routing, "gen-routing")]:
             w.add_class(cls)
         self.button.on_click(self.on_generate)
@@ -88,7 +93,8 @@ class Playground:
         self.top1: torch.Tensor | None = None  # (n_moe, tokens) top-1 expert ids of the last generation
         controls = W.HBox([W.VBox([self.max_new_tokens, self.temperature, self.seed]),
                            W.VBox([self.top_k, self.top_p, self.layer])])
-        self.widget = W.VBox([self.status, self.prompt, controls, self.button, self.output, self.routing])
+        self.widget = W.VBox([self.status, self.prompt, controls, self.compile, self.button, self.output,
+                              self.routing])
 
     def _repr_mimebundle_(self, **kwargs):  # a notebook cell ending in a Playground shows its widget
         return self.widget._repr_mimebundle_(**kwargs)
@@ -113,7 +119,7 @@ class Playground:
 
         g = generate(self.model, prompt, self.max_new_tokens.value, temperature=self.temperature.value,
                      top_k=self.top_k.value, top_p=self.top_p.value, seed=self.seed.value, return_trace=True,
-                     on_text=show_text)
+                     on_text=show_text, compile=self.compile.value)
         show_text(g.text)
         if self.n_moe:
             self.tokens, self.top1 = g.token_texts, g.top_experts()

@@ -40,6 +40,9 @@ def test_generate_streams_and_routes(model):
     first = pg.output.value
     pg.on_generate()
     assert pg.output.value == first  # same seed, same text
+    pg.compile.value = True  # compiled decoding: the same text and routing
+    pg.on_generate()
+    assert pg.output.value == first and torch.equal(pg.top1, ref.top_experts()[:, : len(pg.tokens)])
 
 
 def test_bounds_and_errors(model):
