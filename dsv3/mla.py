@@ -6,6 +6,8 @@ and shared by every head. Only (c_kv, k_pe) is cached. Decoding can read the cac
   naive    -- up-project the cached latent to per-head k_nope and v every step (eq. 10-11);
   absorbed -- fold W_UK into the query and W_UV into the output (§2.1.2, DeepSeek's attn_impl="absorb"),
               so attention runs directly against the latent and nothing is re-expanded.
+`MLA.decode` is the absorbed path for one new position with static shapes (a tensor position, the whole
+preallocated cache under a mask), so that torch.compile makes one graph for every position.
 `GQA` (grouped-query attention, LLaMA style) is the dense baseline for the smollm2-135m preset.
 Masks, positions and the cache's bookkeeping are built by the model, not here.
 """

@@ -6,6 +6,8 @@ baseline). `forward(tokens, targets)` returns logits and, with targets, the loss
 loss = ce + aux_loss_coef * balance + z_loss_coef * z (router losses averaged over MoE layers).
 Targets are the next tokens, already shifted by the data pipeline; the model never shifts again.
 Incremental decoding goes through `new_cache()`; the model advances the cache's position.
+`decode_step(tokens, cache, compiled=...)` is one decoding position with static shapes, eager or with every
+block through one torch.compile'd graph (`generate(..., compile=True)` uses it).
 Nothing here knows about optimizers, data files or tokenizers.
 """
 

@@ -9,7 +9,8 @@ Losses: balance loss alpha * N * sum_i f_i P_i (V2 eq. 23-25) and router z-loss
 mean_t logsumexp(logits_t)^2 (ST-MoE, Zoph et al. 2022).
 Dispatch sorts the (token, slot) pairs by expert so each expert runs one matmul on its own tokens
 (one `grouped_mm` for all experts where torch supports it; in bf16 on CPU each expert's rows are padded
-to a multiple of 16, see `_padded_grouped_swiglu`); there is no per-token Python loop.
+to a multiple of 16, see `_padded_grouped_swiglu`); there is no per-token Python loop. For compiled decoding,
+`RoutedExperts.gathered` reads each token's k experts by index instead (no sort, no host sync).
 """
 
 from __future__ import annotations
@@ -123,7 +124,6 @@ class RoutedExperts(nn.Module):
                 ys = _looped_swiglu(xs, w1, w2, w3, load)
         ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
         return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)
-
 
     def gathered(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """The same output for a few tokens (compiled decoding, DeepSeekV3.decode_step): each token's k experts are
