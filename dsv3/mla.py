@@ -110,12 +110,12 @@ class MLA(nn.Module):
     def decode(self, x, cos, sin, c_kv, k_pe, pos, mask):
         """One new position per row with static shapes, for a compiled decoding step (DeepSeekV3.decode_step): its
         latent is written at `pos` (a 0-d tensor, so a new position is not a new graph) of this layer's cache
-        c_kv (B, S, r) and k_pe (B, S, rope), and absorbed attention runs over all S slots; `mask` (B, S) is True
-        for the slots it may see (those up to pos, minus padding)."""
+        c_kv (B, S, r) and k_pe (B, S, rope), and absorbed attention runs over all S slots; `mask` (B|1, 1, 1, S)
+        is True for the slots it may see (those up to pos, minus padding)."""
         q_nope, q_pe, c, kpe = self._project(x, cos, sin)
         c_kv.index_copy_(1, pos.view(1), c.to(c_kv.dtype))
         k_pe.index_copy_(1, pos.view(1), kpe.to(k_pe.dtype))
-        return self.wo(self._absorbed(q_nope, q_pe, c_kv.to(x.dtype), k_pe.to(x.dtype), mask[:, None, None]))
+        return self.wo(self._absorbed(q_nope, q_pe, c_kv.to(x.dtype), k_pe.to(x.dtype), mask))
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Up-project the latent to per-head keys and values, then standard attention."""

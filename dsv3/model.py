@@ -215,10 +215,7 @@ class DeepSeekV3(nn.Module):
         dev = self.rope_cos.device
         pos = torch.tensor(cache.pos, device=dev)
         cos, sin = self.rope_cos.index_select(0, pos.view(1)), self.rope_sin.index_select(0, pos.view(1))
-        mask = (torch.arange(cache.max_len, device=dev) <= pos)[None]  # (1, S): the slots written so far
-        if cache.key_mask is not None:  # never attend to padding, but let every query see itself
-            mask = mask & cache.key_mask
-            mask[:, cache.pos] = True
+        mask = self._mask(cache, 1, whole_cache=True)  # the slots written so far, minus padding
         x = self.embed(tokens)
         block_decode = _compiled_block_decode(dev.type) if compiled else Block.decode
         for block in self.layers:
@@ -269,17 +266,19 @@ class DeepSeekV3(nn.Module):
             if targets.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"targets must have dtype torch.long, got {targets.dtype}")
 
-    def _mask(self, cache: KVCache, T: int) -> torch.Tensor | None:
-        """Boolean (B|1, 1, T, pos+T) attention mask for a cached forward; None = plain causal prefill."""
+    def _mask(self, cache: KVCache, T: int, whole_cache: bool = False) -> torch.Tensor | None:
+        """Boolean (B|1, 1, T, S) attention mask for a cached forward over S = pos+T keys; None = plain causal
+        prefill. whole_cache=True: over all S = max_len slots of the cache (decode_step's static shapes)."""
         start = cache.pos
-        if start == 0 and cache.key_mask is None:
+        if start == 0 and cache.key_mask is None and not whole_cache:
             return None
         dev = self.rope_cos.device
+        S = cache.max_len if whole_cache else start + T
         q_pos = torch.arange(start, start + T, device=dev)
-        k_pos = torch.arange(start + T, device=dev)
+        k_pos = torch.arange(S, device=dev)
         mask = k_pos[None, :] <= q_pos[:, None]  # (T, S) causal
         if cache.key_mask is not None:  # never attend to padding, but let every query see itself
-            mask = (mask & cache.key_mask[:, None, : start + T]) | (k_pos[None, :] == q_pos[:, None])
+            mask = (mask & cache.key_mask[:, None, :S]) | (k_pos[None, :] == q_pos[:, None])
             return mask[:, None]
         return mask[None, None]
 
