@@ -12,8 +12,8 @@ Cache modes: "absorbed" (default: attention runs against the cached latent c_kv,
 whole sequence is recomputed every step; for tests and benchmarks). The cache is preallocated for
 prompt + max_new_tokens positions. Prompts longer than max_seq_len are refused, never truncated.
 compile=True (absorbed cache) runs each one-token step through `DeepSeekV3.decode_step` compiled with
-torch.compile: the first call compiles (10-20 s on a 2-core CPU), later ones decode faster than the eager
-step (`python -m dsv3 bench`, section decode).
+torch.compile: the first call compiles, later ones decode faster than the eager step (`python -m dsv3 bench`,
+section decode, prints both and the first compiled run's time).
 Randomness comes only from a `torch.Generator` (the `seed` argument), never from the global RNG.
 `dsv3.generate` is the function (the package exports it over this module's name): reach the rest
 with `from dsv3.generate import generate_tokens, sample`.

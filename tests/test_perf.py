@@ -13,7 +13,7 @@ def grads(m):
     return [p.grad.clone() for p in m.parameters()]
 
 
-@pytest.mark.parametrize("vocab", [512, 500])  # 500: the accelerator branch's logits rows are padded to 512
+@pytest.mark.parametrize("vocab", [512, 500])  # 500: the accelerator branch pads the vocabulary to 512
 @pytest.mark.parametrize("inplace", [True, False])  # False: the accelerator branch (fresh tensors), run on CPU
 @pytest.mark.parametrize("chunk", [1024, 7])  # one chunk, and many chunks with a ragged last one
 def test_fused_cross_entropy_equals_plain_loss_and_grads(chunk, inplace, vocab, monkeypatch):
@@ -42,7 +42,7 @@ def test_fused_cross_entropy_bf16_and_no_grad(inplace, monkeypatch):
     monkeypatch.setattr(model_mod, "CE_CHUNK", 7)
     monkeypatch.setattr(model_mod, "CE_CHUNK_ACCEL", 7)
     torch.manual_seed(0)
-    m = dsv3.DeepSeekV3(small_cfg(vocab_size=500)).train()  # not a multiple of 64: padded logits rows
+    m = dsv3.DeepSeekV3(small_cfg(vocab_size=500)).train()  # not a multiple of 64: a padded vocabulary
     x, y = torch.randint(0, 500, (2, 16)), torch.randint(0, 500, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref, out = m(x, y), m(x, y, return_logits=False)
