@@ -51,7 +51,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     slower in fp32 (1.8x in bf16) on the 2-core CPU."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets):
+    def forward(ctx, h, weight, targets, tied=None):
         dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
@@ -69,9 +69,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                 wc = F.pad(wc, (0, 0, 0, Vp - V))
             valid = targets != -100
             n = valid.sum()
+            row_w = valid / n  # d(mean CE)/d(row's CE): 1/n, 0 for ignored rows (folded into dh and dW here)
             total = h.new_zeros((), dtype=torch.float32)
             dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
-            dw = torch.zeros(wc.shape, dtype=torch.float32, device=h.device) if need_grad else None
+            # the in-place path writes dW with its first chunk's product: no pass to zero 4 x vocab x dim bytes
+            dw = (torch.empty if inplace else torch.zeros)(wc.shape, dtype=torch.float32, device=h.device) \
+                if need_grad else None
             z = torch.empty(chunk, Vp, dtype=dt, device=h.device)  # logits, then the gradient in dt
             # log-probs overwrite the logits, except bf16 logits on the in-place path: an fp32 buffer of their own
             logp = torch.empty(z.shape, dtype=torch.float32, device=h.device) if inplace and dt != torch.float32 else z
@@ -89,32 +92,77 @@ class LinearCrossEntropy(torch.autograd.Function):
                     torch.ops.aten._log_softmax.out(zc if lp is zc else lp.copy_(zc), 1, False, out=lp)
                 else:  # accelerators: a fresh tensor from the caching allocator costs nothing; no aliasing
                     lp = zc.float().log_softmax(dim=1)
-                tgt, ok = targets[rows].clamp(min=0), valid[rows]
+                tgt, ok, rw = targets[rows].clamp(min=0), valid[rows], row_w[rows, None]
                 total -= (lp.gather(1, tgt[:, None]).squeeze(1) * ok).sum()
-                if need_grad:  # d(sum CE)/d logits = softmax - onehot; ignored rows are zeroed in dh and dW's input
+                if need_grad:  # d(mean CE)/d logits = (softmax - onehot) / n; ignored rows are zeroed by rw
                     g32 = lp.exp_()
                     g32[torch.arange(c, device=lp.device), tgt] -= 1
                     g = g32 if dt == torch.float32 else zc.copy_(g32)
-                    dh[rows] = (g @ wc).float() * ok[:, None]
+                    dh[rows] = (g @ wc).float() * rw
                     if dw_c is None:  # fp32 products: bf16-rounded chunk partials made bf16 training spike on CPU
-                        dw.addmm_(g32.t(), h[rows].float() * ok[:, None])
+                        if i == 0:
+                            torch.mm(g32.t(), h[rows].float() * rw, out=dw)
+                        else:
+                            dw.addmm_(g32.t(), h[rows].float() * rw)
                     else:
-                        dw.add_(torch.mm(g.t(), hc[rows] * ok[:, None].to(dt), out=dw_c))
-        ctx.save_for_backward(dh, dw, n)
-        ctx.vocab = V
+                        dw.add_(torch.mm(g.t(), hc[rows] * rw.to(dt), out=dw_c))
+        ctx.save_for_backward(dh, dw)
+        ctx.vocab, ctx.tied = V, tied
         return total / n
 
     @staticmethod
     def backward(ctx, grad):
-        dh, dw, n = ctx.saved_tensors
-        scale = grad / n  # in place: dW is as large as the embedding (a second backward fails the version check)
-        return dh.mul_(scale).to(ctx.h_dtype) if dh is not None else None, \
-            dw.mul_(scale)[:ctx.vocab].to(ctx.w_dtype) if dw is not None else None, None
+        dh, dw = ctx.saved_tensors
+        if dw is not None:
+            # scaled in place: dW is as large as the embedding. The CPU skips that pass over it when the loss's
+            # gradient is 1 (the usual case: the trainer's loss is a sum that includes this mean); the version
+            # bump still makes a second backward fail the saved-tensor check instead of returning stale grads.
+            if dw.device.type == "cpu" and grad.item() == 1.0:
+                torch.autograd.graph.increment_version(dw)
+            else:
+                dw.mul_(grad)
+            dw = dw[:ctx.vocab].to(ctx.w_dtype)
+            if ctx.tied is not None:  # the tied embedding's backward adds its rows into this same tensor
+                ctx.tied.dw = dw
+        return dh.mul_(grad).to(ctx.h_dtype) if dh is not None else None, dw, None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """F.cross_entropy(h @ weight.T, targets, ignore_index=-100) with no full logits tensor (see LinearCrossEntropy)."""
-    return LinearCrossEntropy.apply(h, weight, targets)
+class _TiedGrad:
+    """Hands the head's dW (from LinearCrossEntropy.backward) to the backward of the tied embedding lookup."""
+
+    dw: torch.Tensor | None = None
+
+
+class TiedEmbedding(torch.autograd.Function):
+    """F.embedding(tokens, weight) for a weight tied to the fused head (LinearCrossEntropy with the same `tied`).
+    Its backward adds the looked-up rows' gradients in place into the head's dW, which autograd then accumulates as
+    the weight's gradient, where nn.Embedding would build a dense (vocab, dim) zero gradient and autograd would add
+    it to the head's in a third (vocab, dim) tensor: two passes over and two new allocations of 4 x vocab x dim
+    bytes (116 MB at 174m) per step. The head's backward always runs first (the embedding is the graph's input end);
+    if it did not give a dW (a loss without the head), the gradient is the dense one."""
+
+    @staticmethod
+    def forward(ctx, weight, tokens, tied):
+        ctx.save_for_backward(tokens)
+        ctx.tied, ctx.shape = tied, weight.shape
+        return F.embedding(tokens, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (tokens,) = ctx.saved_tensors
+        dw, ctx.tied.dw = ctx.tied.dw, None
+        rows = grad.reshape(-1, grad.shape[-1])
+        if dw is None:
+            return grad.new_zeros(ctx.shape).index_add_(0, tokens.reshape(-1), rows), None, None
+        dw.index_add_(0, tokens.reshape(-1), rows.to(dw.dtype))
+        return None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         tied: _TiedGrad | None = None) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=-100) with no full logits tensor (see LinearCrossEntropy).
+    tied: shared with a TiedEmbedding of the same weight, whose backward then adds into this head's dW."""
+    return LinearCrossEntropy.apply(h, weight, targets, tied)
 
 
 class Block(nn.Module):
@@ -293,7 +341,10 @@ class DeepSeekV3(nn.Module):
         start = cache.pos if cache is not None else 0
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         mask = self._mask(cache, T) if cache is not None else None
-        x = self.embed(tokens)
+        fused = targets is not None and not return_logits
+        w = self.embed.weight
+        tied = _TiedGrad() if fused and self.head.weight is w and w.requires_grad and torch.is_grad_enabled() else None
+        x = TiedEmbedding.apply(w, tokens, tied) if tied is not None else self.embed(tokens)
         balances, zs = [], []
         for block in self.layers:
             x, balance, z = block(x, cos, sin, cache, mask, losses=targets is not None)
@@ -303,9 +354,9 @@ class DeepSeekV3(nn.Module):
         if cache is not None:
             cache.pos += T
         h = self.norm(x)
-        if targets is not None and not return_logits:
+        if fused:
             logits = None
-            ce = linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.reshape(-1).long())
+            ce = linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.reshape(-1).long(), tied)
         else:
             if last_logits:
                 if targets is not None:
