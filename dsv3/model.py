@@ -104,8 +104,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                             torch.mm(g32.t(), h[rows].float() * rw, out=dw)
                         else:
                             dw.addmm_(g32.t(), h[rows].float() * rw)
-                    else:
-                        dw.add_(torch.mm(g.t(), hc[rows] * rw.to(dt), out=dw_c))
+                    else:  # the 0/1 row mask in dt (exact); 1/n once in fp32 below, not rounded to dt
+                        dw.add_(torch.mm(g.t(), hc[rows] * ok[:, None].to(dt), out=dw_c))
+            if dw_c is not None:
+                dw.div_(n)
         ctx.save_for_backward(dh, dw)
         ctx.vocab, ctx.tied = V, tied
         return total / n
