@@ -8,6 +8,8 @@ Targets are the next tokens, already shifted by the data pipeline; the model nev
 Incremental decoding goes through `new_cache()`; the model advances the cache's position.
 `decode_step(tokens, cache, compiled=...)` is one decoding position with static shapes, eager or with every
 block through one torch.compile'd graph (`generate(..., compile=True)` uses it).
+Training's `forward(tokens, targets, return_logits=False)` takes the fused chunked head + cross-entropy
+(`linear_cross_entropy`), with the tied embedding lookup (`TiedEmbedding`) adding its gradient into the head's.
 Nothing here knows about optimizers, data files or tokenizers.
 """
 
