@@ -74,15 +74,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             row_w = valid / n  # d(mean CE)/d(row's CE): 1/n, 0 for ignored rows (folded into dh and dW here)
             total = h.new_zeros((), dtype=torch.float32)
             dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
-            # the in-place path writes dW with its first chunk's product: no pass to zero 4 x vocab x dim bytes
-            dw = (torch.empty if inplace else torch.zeros)(wc.shape, dtype=torch.float32, device=h.device) \
-                if need_grad else None
             z = torch.empty(chunk, Vp, dtype=dt, device=h.device)  # logits, then the gradient in dt
             # log-probs overwrite the logits, except bf16 logits on the in-place path: an fp32 buffer of their own
             logp = torch.empty(z.shape, dtype=torch.float32, device=h.device) if inplace and dt != torch.float32 else z
             # accelerators: a chunk's dW in dt, summed in fp32; the in-place path sums fp32 products instead
             dw_c = torch.empty(wc.shape, dtype=dt, device=h.device) \
                 if need_grad and dt != torch.float32 and not inplace else None
+            # fp32 products write dW with the first chunk's (no pass to zero 4 x vocab x dim bytes); dt partials add
+            dw = (torch.empty if dw_c is None else torch.zeros)(wc.shape, dtype=torch.float32, device=h.device) \
+                if need_grad else None
             for i in range(0, n_rows, chunk):
                 rows = slice(i, i + chunk)
                 c = hc[rows].shape[0]
