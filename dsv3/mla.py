@@ -24,6 +24,9 @@ from .config import ModelConfig
 from .layers import RMSNorm, apply_rope
 
 PAD_V_FOR_FLASH = True  # causal full-sequence attention (training, prefill) takes SDPA's flash path
+# causal full-sequence attention on the CPU takes CausalAttention while its fp32 scores of one layer, kept for
+# backward, fit in this many bytes (B x n_heads x T^2 x 4: 4.7 MB for the 174m at 2 x 256); longer: the flash path
+CPU_EXPLICIT_ATTN_MAX_BYTES = 64 << 20
 
 
 class KVCache:
@@ -58,6 +61,38 @@ class KVCache:
     def bytes_per_token(self) -> int:
         """Bytes one cached token occupies, summed over layers (measured from the tensors)."""
         return sum(t.numel() * t.element_size() for t in self.tensors) // (self.batch * self.max_len)
+
+
+class CausalAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + causal mask) v for full-sequence self-attention, spelled out in fp32 (under autocast
+    too): one baddbmm writes the scaled, masked scores, the softmax runs in place, and its (B, H, T, T)
+    probabilities are kept for the textbook backward (dS = P * (dP - rowsum(dO * O)), as in FlashAttention-2).
+    For short sequences on the CPU, where torch's flash kernel (with V padded to the query width) spent more time
+    zero-filling and copying its gradients than on its matmuls (benchmarks/profile_step.py)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
+    def forward(ctx, q, k, v, scale):
+        """q, k (B, H, T, d_qk), v (B, H, T, d_v) -> (B, H, T, d_v)."""
+        B, H, T, d = q.shape
+        mask = q.new_zeros(T, T).masked_fill_(
+            torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+        s = torch.baddbmm(mask, q.reshape(B * H, T, d), k.reshape(B * H, T, d).transpose(1, 2), alpha=scale)
+        p = torch.ops.aten._softmax.out(s, -1, False, out=s).view(B, H, T, T)  # in place (tests/test_mla.py)
+        o = p @ v
+        ctx.save_for_backward(q, k, v, p, o)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, do):
+        q, k, v, p, o = ctx.saved_tensors
+        ds = torch.matmul(do, v.transpose(-1, -2))  # dP, then dS in place (the scale goes on dq and dk)
+        ds.sub_((do * o).sum(-1, keepdim=True)).mul_(p)
+        dq = (ds @ k).mul_(ctx.scale)
+        dk = (ds.transpose(-1, -2) @ q).mul_(ctx.scale)
+        return dq, dk, p.transpose(-1, -2) @ do, None
 
 
 class MLA(nn.Module):
@@ -125,6 +160,9 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, H, S, self.rope)], dim=-1)
+        if mask is None and q.device.type == "cpu" and B * H * T * T * 4 <= CPU_EXPLICIT_ATTN_MAX_BYTES:
+            o = CausalAttention.apply(q, k, v, self.scale)
+            return o.transpose(1, 2).reshape(B, T, H * self.v_dim)
         pad = q.shape[-1] - self.v_dim
         if mask is None and pad > 0 and PAD_V_FOR_FLASH:
             # torch's flash kernels (CPU and CUDA) need v_head_dim == qk head dim: zero columns appended to V

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import small_cfg
 
 import dsv3
@@ -99,6 +100,27 @@ def test_full_forward_equals_naive_and_absorbed_decode(q_lora_rank):
     assert (naive - full).abs().max() <= 1e-4
     assert (absorbed - full).abs().max() <= 1e-4
     assert (absorbed - naive).abs().max() <= 1e-4
+
+
+def test_causal_attention_equals_sdpa_with_gradients():
+    from dsv3.mla import CausalAttention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, d, dtype=torch.float64, requires_grad=True) for d in (9, 9, 6))
+    assert torch.autograd.gradcheck(lambda *a: CausalAttention.apply(*a, 0.3), (q, k, v))  # its own backward
+    q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = CausalAttention.apply(q, k, v, 0.3)  # its softmax runs in place in the scores' buffer
+    expect = F.scaled_dot_product_attention(*ref, is_causal=True, scale=0.3)
+    g = torch.randn_like(out)
+    out.backward(g)
+    expect.backward(g)
+    assert (out - expect).abs().max() <= 1e-6
+    for a, b in zip((q, k, v), ref):
+        assert (a.grad - b.grad).abs().max() <= 1e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # inputs are upcast: fp32 scores and output
+        out16 = CausalAttention.apply(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3)
+    assert out16.dtype == torch.float32 and (out16 - expect).abs().max() <= 2e-2
 
 
 def test_cache_holds_only_the_latent(model, cfg):

@@ -58,21 +58,23 @@ def test_fused_cross_entropy_bf16_and_no_grad(inplace, monkeypatch):
         assert m(x, y, return_logits=False).ce_loss.item() == pytest.approx(m(x, y).ce_loss.item(), rel=1e-6)
 
 
-def test_padded_v_flash_path_equals_math_path(monkeypatch):
+def test_cpu_explicit_attention_and_padded_v_flash_path_equal_the_math_path(monkeypatch):
     import dsv3.mla as mla
 
     torch.manual_seed(0)
-    m = dsv3.DeepSeekV3(small_cfg()).train()  # qk head 24, v head 16: V is padded
+    m = dsv3.DeepSeekV3(small_cfg()).train()  # qk head 24, v head 16: V is padded on the flash path
     x = torch.randint(0, 512, (2, 20))
     outs = []
-    for pad in (True, False):
+    for explicit, pad in ((True, True), (False, True), (False, False)):  # CausalAttention, flash, math
+        monkeypatch.setattr(mla, "CPU_EXPLICIT_ATTN_MAX_BYTES", 64 << 20 if explicit else 0)
         monkeypatch.setattr(mla, "PAD_V_FOR_FLASH", pad)
         m.zero_grad()
         out = m(x, x)
         out.loss.backward()
         outs.append((out.logits.detach(), m.layers[0].attn.wkv_b.weight.grad.clone()))
-    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
-    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-6, rtol=1e-4)
+    for logits, grad in outs[:2]:
+        assert torch.allclose(logits, outs[2][0], atol=1e-5)
+        assert torch.allclose(grad, outs[2][1], atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.slow
