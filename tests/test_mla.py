@@ -116,7 +116,7 @@ def test_causal_attention_equals_sdpa_with_gradients():
     out.backward(g)
     expect.backward(g)
     assert (out - expect).abs().max() <= 1e-6
-    for a, b in zip((q, k, v), ref):
+    for a, b in zip((q, k, v), ref, strict=True):
         assert (a.grad - b.grad).abs().max() <= 1e-6
     with torch.autocast("cpu", dtype=torch.bfloat16):  # inputs are upcast: fp32 scores and output
         out16 = CausalAttention.apply(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3)
