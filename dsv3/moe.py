@@ -110,19 +110,19 @@ class RoutedExperts(nn.Module):
         if dt != w1.dtype:  # grouped_mm is not on autocast's list
             w1, w2, w3 = w1.to(dt), w2.to(dt), w3.to(dt)
         cpu = x.device.type == "cpu"
+        g = gates.reshape(-1)[order].unsqueeze(-1).to(dt)  # each sorted pair's gate g_i,t
         if cpu and _HAS_GROUPED_MM and dt == torch.bfloat16 and torch.is_grad_enabled():
-            ys = _padded_grouped_swiglu(x.to(dt), token, w1, w2, w3, load)
+            ys = _padded_grouped_swiglu(x.to(dt), token, w1, w2, w3, load, g)
         else:
             xs = x.index_select(0, token).to(dt)  # backward: index_add_, faster on CPU than x[token]'s index_put
             if cpu and not torch.is_grad_enabled():  # inference: CPU grouped_mm visits empty experts too
-                ys = _looped_swiglu(xs, w1, w2, w3, load)
+                ys = _looped_swiglu(xs, w1, w2, w3, load, g)
             elif _HAS_GROUPED_MM and dt == torch.bfloat16:
-                ys = _grouped_swiglu(xs, w1, w2, w3, load)
+                ys = _grouped_swiglu(xs, w1, w2, w3, load, g)
             elif _HAS_GROUPED_MM and cpu:  # torch's CPU grouped_mm also takes fp32, but its compile-time
-                ys = _grouped_swiglu_eager(xs, w1, w2, w3, load)  # shape check asks for bf16
+                ys = _grouped_swiglu_eager(xs, w1, w2, w3, load, g)  # shape check asks for bf16
             else:
-                ys = _looped_swiglu(xs, w1, w2, w3, load)
-        ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
+                ys = _looped_swiglu(xs, w1, w2, w3, load, g)
         return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)
 
     def gathered(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -136,10 +136,12 @@ class RoutedExperts(nn.Module):
         return (gates.unsqueeze(-1).to(y.dtype) * y).sum(1).to(x.dtype)
 
 
-def _grouped_swiglu(xs, w1, w2, w3, load):
-    """Every expert's SwiGLU on its contiguous slice of the expert-sorted rows: one grouped_mm per weight."""
+def _grouped_swiglu(xs, w1, w2, w3, load, g):
+    """Every expert's SwiGLU on its contiguous slice of the expert-sorted rows, times each row's gate g (rows, 1):
+    one grouped_mm per weight. The gate scales the inter-wide hidden row before w2 (the same product, since w2 is
+    linear), a third of the work of scaling the dim-wide output, forward and backward."""
     offs = load.cumsum(0).to(torch.int32)
-    h = F.silu(F.grouped_mm(xs, w1, offs=offs)) * F.grouped_mm(xs, w3, offs=offs)
+    h = F.silu(F.grouped_mm(xs, w1, offs=offs)) * F.grouped_mm(xs, w3, offs=offs) * g
     return F.grouped_mm(h, w2, offs=offs)
 
 
@@ -149,7 +151,7 @@ CPU_BF16_ROWS = 16  # on CPU, bf16 expert groups are padded to a multiple of thi
 
 
 @torch.compiler.disable
-def _padded_grouped_swiglu(x, token, w1, w2, w3, load):
+def _padded_grouped_swiglu(x, token, w1, w2, w3, load, g):
     """`_grouped_swiglu` for bf16 on CPU, each expert's rows padded with zero rows to a multiple of CPU_BF16_ROWS.
 
     oneDNN builds (JIT-compiles) a bf16 matmul kernel for every new shape. The rows per expert change every
@@ -164,18 +166,19 @@ def _padded_grouped_swiglu(x, token, w1, w2, w3, load):
     src = torch.full((int(padded.sum()),), x.shape[0], dtype=torch.long, device=x.device)
     src[dest] = token  # padding rows read the zero row appended below
     xs = F.pad(x, (0, 0, 0, 1)).index_select(0, src)
-    return _grouped_swiglu(xs, w1, w2, w3, padded).index_select(0, dest)
+    g_pad = g.new_zeros(src.shape[0], 1).index_copy(0, dest, g)  # padding rows: gate 0 (their rows are 0 anyway)
+    return _grouped_swiglu(xs, w1, w2, w3, padded, g_pad).index_select(0, dest)
 
 
 @torch.compiler.disable  # under torch.compile, the counts would become guards: a recompile per new load
-def _looped_swiglu(xs, w1, w2, w3, load):
+def _looped_swiglu(xs, w1, w2, w3, load, g):
     """The same with one matmul per expert that received rows (a host sync for the counts). Decoding one token
     on CPU touches 2 of 8 experts: 6 matmuls per layer instead of grouped_mm's 24 (it visits empty groups)."""
     outs, start = [], 0
     for e, n in enumerate(load.long().tolist()):
         if n:
             xe = xs[start:start + n]
-            outs.append((F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e])
+            outs.append((F.silu(xe @ w1[e]) * (xe @ w3[e]) * g[start:start + n]) @ w2[e])
             start += n
     return torch.cat(outs) if outs else xs.new_zeros(0, w2.shape[-1])
 

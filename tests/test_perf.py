@@ -105,8 +105,8 @@ def test_compile_blocks_bf16_accelerator_path_one_graph_for_all_blocks(monkeypat
 
     import dsv3.moe as moe
 
-    def unpadded(x, token, w1, w2, w3, load):  # what CUDA runs instead of the CPU-only padding
-        return moe._grouped_swiglu(x.index_select(0, token), w1, w2, w3, load)
+    def unpadded(x, token, w1, w2, w3, load, g):  # what CUDA runs instead of the CPU-only padding
+        return moe._grouped_swiglu(x.index_select(0, token), w1, w2, w3, load, g)
 
     monkeypatch.setattr(moe, "_padded_grouped_swiglu", unpadded)
     torch.manual_seed(0)
