@@ -15,6 +15,7 @@ Masks, positions and the cache's bookkeeping are built by the model, not here.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,8 @@ from .config import ModelConfig
 from .layers import RMSNorm, apply_rope
 
 PAD_V_FOR_FLASH = True  # causal full-sequence attention (training, prefill) takes SDPA's flash path
-# causal full-sequence attention on the CPU takes CausalAttention while its fp32 scores of one layer, kept for
-# backward, fit in this many bytes (B x n_heads x T^2 x 4: 4.7 MB for the 174m at 2 x 256); longer: the flash path
+# causal full-sequence attention on the CPU takes CausalAttention while one layer's fp32 scores, a transient
+# buffer, fit in this many bytes (B x n_heads x T^2 x 4: 4.7 MB for the 174m at 2 x 256); longer: the flash path
 CPU_EXPLICIT_ATTN_MAX_BYTES = 64 << 20
 
 
@@ -65,31 +66,51 @@ class KVCache:
 
 class CausalAttention(torch.autograd.Function):
     """softmax(q k^T * scale + causal mask) v for full-sequence self-attention, spelled out in fp32 (under autocast
-    too): one baddbmm writes the scaled, masked scores, the softmax runs in place, and its (B, H, T, T)
-    probabilities are kept for the textbook backward (dS = P * (dP - rowsum(dO * O)), as in FlashAttention-2).
-    For short sequences on the CPU, where torch's flash kernel (with V padded to the query width) spent more time
-    zero-filling and copying its gradients than on its matmuls (benchmarks/profile_step.py)."""
+    too): one baddbmm writes the scaled, masked scores and the softmax runs in place in them. Backward recomputes
+    the probabilities P (so only q, k, v and the output are kept, as for the flash kernel: no B x H x T^2 tensor
+    per layer between forward and backward) and applies the textbook gradient, dS = P * (dP - rowsum(dO * O)) as
+    in FlashAttention-2. For short sequences on the CPU, where torch's flash kernel (with V padded to the query
+    width) spent more time zero-filling and copying its gradients than on its matmuls (benchmarks/profile_step.py)."""
+
+    _scratch = threading.local()  # per thread: the last (B*H, T, T) buffers, reused by every layer and step
+
+    @staticmethod
+    def _buffer(slot: int, shape, like: torch.Tensor) -> torch.Tensor:
+        """A reused fp32 (B*H, T, T) buffer: a fresh 5-64 MB tensor per layer costs a page fault per 4 KB and,
+        freed between layers, fragmented glibc's heap (the 174m step's peak RSS rose by ~130 MB without reuse)."""
+        bufs = CausalAttention._scratch.__dict__.setdefault("bufs", {})
+        buf = bufs.get(slot)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = bufs[slot] = like.new_empty(shape)
+        return buf
+
+    @staticmethod
+    def _probs(q, k, scale):
+        """P = softmax(q k^T * scale + causal mask) in reused buffer 0, (B, H, T, T)."""
+        B, H, T, d = q.shape
+        mask = q.new_zeros(T, T).masked_fill_(torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1),
+                                              float("-inf"))
+        s = CausalAttention._buffer(0, (B * H, T, T), q)
+        torch.baddbmm(mask, q.reshape(B * H, T, d), k.reshape(B * H, T, d).transpose(1, 2), alpha=scale, out=s)
+        return torch.ops.aten._softmax.out(s, -1, False, out=s).view(B, H, T, T)  # in place (tests/test_mla.py)
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
     def forward(ctx, q, k, v, scale):
         """q, k (B, H, T, d_qk), v (B, H, T, d_v) -> (B, H, T, d_v)."""
-        B, H, T, d = q.shape
-        mask = q.new_zeros(T, T).masked_fill_(
-            torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
-        s = torch.baddbmm(mask, q.reshape(B * H, T, d), k.reshape(B * H, T, d).transpose(1, 2), alpha=scale)
-        p = torch.ops.aten._softmax.out(s, -1, False, out=s).view(B, H, T, T)  # in place (tests/test_mla.py)
-        o = p @ v
-        ctx.save_for_backward(q, k, v, p, o)
+        o = CausalAttention._probs(q, k, scale) @ v
+        ctx.save_for_backward(q, k, v, o)
         ctx.scale = scale
         return o
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
+    @torch.autograd.function.once_differentiable  # it works in reused buffers
     def backward(ctx, do):
-        q, k, v, p, o = ctx.saved_tensors
-        ds = torch.matmul(do, v.transpose(-1, -2))  # dP, then dS in place (the scale goes on dq and dk)
-        ds.sub_((do * o).sum(-1, keepdim=True)).mul_(p)
+        q, k, v, o = ctx.saved_tensors
+        p = CausalAttention._probs(q, k, ctx.scale)
+        ds = torch.matmul(do, v.transpose(-1, -2), out=CausalAttention._buffer(1, p.shape, p))  # dP, then dS
+        ds.sub_((do * o).sum(-1, keepdim=True)).mul_(p)  # in place; the scale goes on dq and dk
         dq = (ds @ k).mul_(ctx.scale)
         dk = (ds.transpose(-1, -2) @ q).mul_(ctx.scale)
         return dq, dk, p.transpose(-1, -2) @ do, None
