@@ -181,7 +181,8 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, H, S, self.rope)], dim=-1)
-        if mask is None and q.device.type == "cpu" and B * H * T * T * 4 <= CPU_EXPLICIT_ATTN_MAX_BYTES:
+        if (mask is None and q.device.type == "cpu" and B * H * T * T * 4 <= CPU_EXPLICIT_ATTN_MAX_BYTES
+                and not torch.compiler.is_compiling()):  # compiled: SDPA, which inductor lowers itself
             o = CausalAttention.apply(q, k, v, self.scale)
             return o.transpose(1, 2).reshape(B, T, H * self.v_dim)
         pad = q.shape[-1] - self.v_dim
