@@ -118,6 +118,19 @@ def test_causal_attention_equals_sdpa_with_gradients():
     assert (out - expect).abs().max() <= 1e-6
     for a, b in zip((q, k, v), ref, strict=True):
         assert (a.grad - b.grad).abs().max() <= 1e-6
+    # its score buffers are reused across calls: two graphs of other lengths in between, run back to front
+    for a in (q, k, v):
+        a.grad = None
+    others = [[torch.randn(2, 3, t, d, requires_grad=True) for d in (9, 9, 6)] for t in (5, 11)]
+    first = CausalAttention.apply(q, k, v, 0.3)
+    outs = [CausalAttention.apply(*o, 0.3) for o in others]
+    for o, ins in zip(reversed(outs), reversed(others), strict=True):
+        o.sum().backward()
+        ref_o = F.scaled_dot_product_attention(*ins, is_causal=True, scale=0.3)
+        assert torch.allclose(ins[0].grad, torch.autograd.grad(ref_o.sum(), ins[0])[0], atol=1e-6)
+    first.backward(g)
+    for a, b in zip((q, k, v), ref, strict=True):
+        assert (a.grad - b.grad).abs().max() <= 1e-6
     with torch.autocast("cpu", dtype=torch.bfloat16):  # inputs are upcast: fp32 scores and output
         out16 = CausalAttention.apply(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3)
     assert out16.dtype == torch.float32 and (out16 - expect).abs().max() <= 2e-2
