@@ -8,6 +8,8 @@ and shared by every head. Only (c_kv, k_pe) is cached. Decoding can read the cac
               so attention runs directly against the latent and nothing is re-expanded.
 `MLA.decode` is the absorbed path for one new position with static shapes (a tensor position, the whole
 preallocated cache under a mask), so that torch.compile makes one graph for every position.
+Full-sequence causal attention (training, prefill) is SDPA's flash kernel, or on the CPU for short sequences
+`CausalAttention`, the same attention spelled out with its own backward (faster there).
 `GQA` (grouped-query attention, LLaMA style) is the dense baseline for the smollm2-135m preset.
 Masks, positions and the cache's bookkeeping are built by the model, not here.
 """
