@@ -72,15 +72,18 @@ class CausalAttention(torch.autograd.Function):
     the probabilities P (so only q, k, v and the output are kept, as for the flash kernel: no B x H x T^2 tensor
     per layer between forward and backward) and applies the textbook gradient, dS = P * (dP - rowsum(dO * O)) as
     in FlashAttention-2. For short sequences on the CPU, where torch's flash kernel (with V padded to the query
-    width) spent more time zero-filling and copying its gradients than on its matmuls (benchmarks/profile_step.py)."""
+    width) zero-fills and copies its gradients (`fill_` and `copy_` in benchmarks/profile_step.py)."""
 
     _scratch = threading.local()  # per thread: the last (B*H, T, T) buffers, reused by every layer and step
 
     @staticmethod
     def _buffer(slot: int, shape, like: torch.Tensor) -> torch.Tensor:
-        """A reused fp32 (B*H, T, T) buffer: a fresh 5-64 MB tensor per layer costs a page fault per 4 KB and,
-        freed between layers, fragmented glibc's heap (the 174m step's peak RSS rose by ~130 MB without reuse)."""
-        bufs = CausalAttention._scratch.__dict__.setdefault("bufs", {})
+        """Buffer `slot` of this shape and like's dtype and device, reused while those stay the same: a fresh
+        5-64 MB tensor per layer costs a page fault per 4 KB and, freed between layers, fragmented glibc's heap
+        (the 174m step's peak RSS rose by ~130 MB without reuse: `python -m dsv3 bench --sections memory`)."""
+        if not hasattr(CausalAttention._scratch, "bufs"):
+            CausalAttention._scratch.bufs = {}
+        bufs = CausalAttention._scratch.bufs
         buf = bufs.get(slot)
         if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
             buf = bufs[slot] = like.new_empty(shape)
@@ -90,8 +93,7 @@ class CausalAttention(torch.autograd.Function):
     def _probs(q, k, scale):
         """P = softmax(q k^T * scale + causal mask) in reused buffer 0, (B, H, T, T)."""
         B, H, T, d = q.shape
-        mask = q.new_zeros(T, T).masked_fill_(torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1),
-                                              float("-inf"))
+        mask = q.new_full((T, T), float("-inf")).triu_(1)  # additive: 0 on and below the diagonal
         s = CausalAttention._buffer(0, (B * H, T, T), q)
         torch.baddbmm(mask, q.reshape(B * H, T, d), k.reshape(B * H, T, d).transpose(1, 2), alpha=scale, out=s)
         return torch.ops.aten._softmax.out(s, -1, False, out=s).view(B, H, T, T)  # in place (tests/test_mla.py)
@@ -202,8 +204,8 @@ class MLA(nn.Module):
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk).reshape(B, H * T, -1)  # (B, H*T, kv_lora_rank)
         # every head's queries are rows of one matmul per batch row against the shared c_kv and k_pe: no copy of
-        # the cache per head, and 9+ rows where a per-head product has one (which torch.compile on CPU turns into
-        # loops that read the cache at a fraction of the bandwidth; the 174m compiled step: ~180 us per layer less)
+        # the cache per head, and H*T rows where a per-head product has T (torch.compile on CPU turns products with
+        # one row into generated loops, which read the cache at a fraction of the bandwidth)
         scores = torch.baddbmm(q_pe.reshape(B, H * T, -1) @ k_pe.transpose(1, 2), q_lat, c_kv.transpose(1, 2))
         scores = (scores.view(B, H, T, -1).float() * self.scale).masked_fill(~mask, float("-inf"))
         p = scores.softmax(dim=-1).to(c_kv.dtype)
