@@ -90,14 +90,20 @@ class LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(hc[rows], wc.t(), out=zc)
                 if Vp != V:
                     zc[:, V:] = float("-inf")  # the padding classes
-                if inplace:  # in place into the reused fp32 buffer (tested here; CPU has no bf16 -> fp32 variant)
-                    torch.ops.aten._log_softmax.out(zc if lp is zc else lp.copy_(zc), 1, False, out=lp)
+                tgt, ok, rw = targets[rows].clamp(min=0), valid[rows], row_w[rows, None]
+                if inplace and need_grad:  # the softmax in place: the gradient's base without an exp pass after
+                    # a log-softmax (one round trip of the chunk through memory less); CE = -log p_target
+                    p = torch.ops.aten._softmax.out(zc if lp is zc else lp.copy_(zc), 1, False, out=lp)
+                    ce = _ce_from_probs(p, tgt, hc[rows], wc)
+                elif inplace:  # in place into the reused fp32 buffer (tested here; CPU has no bf16 -> fp32 variant)
+                    ce = -torch.ops.aten._log_softmax.out(zc if lp is zc else lp.copy_(zc), 1, False, out=lp) \
+                        .gather(1, tgt[:, None]).squeeze(1)
                 else:  # accelerators: a fresh tensor from the caching allocator costs nothing; no aliasing
                     lp = zc.float().log_softmax(dim=1)
-                tgt, ok, rw = targets[rows].clamp(min=0), valid[rows], row_w[rows, None]
-                total -= (lp.gather(1, tgt[:, None]).squeeze(1) * ok).sum()
+                    ce = -lp.gather(1, tgt[:, None]).squeeze(1)
+                total += (ce * ok).sum()
                 if need_grad:  # d(mean CE)/d logits = (softmax - onehot) / n; ignored rows are zeroed by rw
-                    g32 = lp.exp_()
+                    g32 = lp if inplace else lp.exp_()
                     g32[torch.arange(c, device=lp.device), tgt] -= 1
                     g = g32 if dt == torch.float32 else zc.copy_(g32)
                     dh[rows] = (g @ wc).float() * rw
@@ -129,6 +135,18 @@ class LinearCrossEntropy(torch.autograd.Function):
             if ctx.tied is not None:  # the tied embedding's backward adds its rows into this same tensor
                 ctx.tied.dw = dw
         return dh.mul_(grad).to(ctx.h_dtype) if dh is not None else None, dw, None, None
+
+
+def _ce_from_probs(p: torch.Tensor, tgt: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Each row's cross-entropy -log p[target] from its fp32 softmax p. Where p[target] is below 1e-30 (a CE
+    above 69 nats, near fp32's underflow) the row's logits h @ w^T are recomputed and its CE is logsumexp - logit."""
+    pt = p.gather(1, tgt[:, None]).squeeze(1)
+    ce = -pt.log()
+    low = pt < 1e-30
+    if low.any():
+        z = (h[low] @ w.t()).float()
+        ce[low] = torch.logsumexp(z, dim=1) - z.gather(1, tgt[low, None]).squeeze(1)
+    return ce
 
 
 class _TiedGrad:

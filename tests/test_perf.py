@@ -3,6 +3,7 @@ the padded-V flash attention path, and the token check on accelerators."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import small_cfg
 
 import dsv3
@@ -128,6 +129,30 @@ def test_compile_blocks_bf16_accelerator_path_one_graph_for_all_blocks(monkeypat
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-2)
     a, b = torch.cat([g.flatten() for g in grads(m)]), torch.cat([g.flatten() for g in g_ref])
     assert (a - b).norm() / b.norm() < 2e-2
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_fused_cross_entropy_of_unlikely_targets(inplace, monkeypatch):
+    """Targets with a probability below fp32's range (CE of hundreds of nats) get the exact loss on both paths
+    (the CPU path takes -log of the softmax and recomputes such rows), and the gradients stay those of the plain
+    loss; chunks of 3 rows put one such row in a chunk with ordinary ones."""
+    monkeypatch.setattr(model_mod, "INPLACE_CE_DEVICES", ("cpu",) if inplace else ())
+    monkeypatch.setattr(model_mod, "CE_CHUNK", 3)
+    monkeypatch.setattr(model_mod, "CE_CHUNK_ACCEL", 3)
+    torch.manual_seed(0)
+    h = torch.randn(7, 16)
+    w = torch.randn(64, 16)
+    t = torch.randint(0, 64, (7,))
+    h[1] *= 40  # logits spread over hundreds: one row's target far below the top
+    t[1] = (h[1] @ w.t()).argmin()
+    h, w = h.requires_grad_(), w.requires_grad_()
+    ref = F.cross_entropy(h @ w.t(), t)
+    assert (F.cross_entropy(h @ w.t(), t, reduction="none")[1] > 150).item()  # p_target underflows fp32
+    out = model_mod.linear_cross_entropy(h, w, t)
+    assert out.item() == pytest.approx(ref.item(), rel=1e-6)
+    g_out, g_ref = torch.autograd.grad(out, (h, w)), torch.autograd.grad(ref, (h, w))
+    for a, b in zip(g_out, g_ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
 def test_fused_cross_entropy_second_backward_fails_loudly():
