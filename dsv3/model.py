@@ -47,7 +47,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """mean CE(h @ W^T, targets) without ever holding the (tokens, vocab) logits: row chunks of CE_CHUNK, and
     each chunk's gradient (softmax - onehot) is used at once for dh and dW, so backward only rescales them.
     Same matmuls as the plain head + F.cross_entropy (no recompute). Targets == -100 are ignored. Under autocast
-    the matmuls run in the autocast dtype and the log-softmax in fp32, as autocast does for the plain path.
+    the matmuls run in the autocast dtype and the (log-)softmax in fp32, as autocast does for the plain path.
     Speed (benchmarks/profile_step.py): the chunk's buffers are allocated once and every op after the matmul
     works in place; a fresh 50-200 MB tensor per op costs a page fault per 4 KB, which made this head 1.7x
     slower in fp32 (1.8x in bf16) on the 2-core CPU."""
@@ -75,8 +75,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             total = h.new_zeros((), dtype=torch.float32)
             dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
             z = torch.empty(chunk, Vp, dtype=dt, device=h.device)  # logits, then the gradient in dt
-            # log-probs overwrite the logits, except bf16 logits on the in-place path: an fp32 buffer of their own
-            logp = torch.empty(z.shape, dtype=torch.float32, device=h.device) if inplace and dt != torch.float32 else z
+            # the in-place path's fp32 probabilities overwrite the logits; bf16 logits: an fp32 buffer of their own
+            probs = torch.empty(z.shape, dtype=torch.float32, device=h.device) if inplace and dt != torch.float32 else z
             # accelerators: a chunk's dW in dt, summed in fp32; the in-place path sums fp32 products instead
             dw_c = torch.empty(wc.shape, dtype=dt, device=h.device) \
                 if need_grad and dt != torch.float32 and not inplace else None
@@ -86,25 +86,23 @@ class LinearCrossEntropy(torch.autograd.Function):
             for i in range(0, n_rows, chunk):
                 rows = slice(i, i + chunk)
                 c = hc[rows].shape[0]
-                zc, lp = z[:c], logp[:c]
+                zc, pc = z[:c], probs[:c]
                 torch.mm(hc[rows], wc.t(), out=zc)
                 if Vp != V:
                     zc[:, V:] = float("-inf")  # the padding classes
                 tgt, ok, rw = targets[rows].clamp(min=0), valid[rows], row_w[rows, None]
-                if inplace and need_grad:  # the softmax in place: the gradient's base without an exp pass after
-                    # a log-softmax (one round trip of the chunk through memory less); CE = -log p_target
-                    p = torch.ops.aten._softmax.out(zc if lp is zc else lp.copy_(zc), 1, False, out=lp)
-                    ce = _ce_from_probs(p, tgt, hc[rows], wc)
-                elif inplace:  # in place into the reused fp32 buffer (tested here; CPU has no bf16 -> fp32 variant)
-                    ce = -torch.ops.aten._log_softmax.out(zc if lp is zc else lp.copy_(zc), 1, False, out=lp) \
-                        .gather(1, tgt[:, None]).squeeze(1)
-                else:  # accelerators: a fresh tensor from the caching allocator costs nothing; no aliasing
+                if inplace:  # in place into the reused fp32 buffer (tested here; CPU has no bf16 -> fp32 variant): the
+                    # softmax, so the gradient needs no exp pass over the chunk after a log-softmax; CE = -log p_target
+                    pc = torch.ops.aten._softmax.out(zc if pc is zc else pc.copy_(zc), 1, False, out=pc)
+                    ce = _ce_from_probs(pc, tgt, hc[rows], wc)
+                else:  # accelerators: a fresh tensor from the caching allocator costs nothing; no aliasing or host sync
                     lp = zc.float().log_softmax(dim=1)
                     ce = -lp.gather(1, tgt[:, None]).squeeze(1)
+                    pc = lp.exp_() if need_grad else None
                 total += (ce * ok).sum()
                 if need_grad:  # d(mean CE)/d logits = (softmax - onehot) / n; ignored rows are zeroed by rw
-                    g32 = lp if inplace else lp.exp_()
-                    g32[torch.arange(c, device=lp.device), tgt] -= 1
+                    g32 = pc
+                    g32[torch.arange(c, device=pc.device), tgt] -= 1
                     g = g32 if dt == torch.float32 else zc.copy_(g32)
                     dh[rows] = (g @ wc).float() * rw
                     if dw_c is None:  # fp32 products: bf16-rounded chunk partials made bf16 training spike on CPU
