@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import ModelConfig
 from .layers import Expert, RMSNorm, rope_cache
@@ -50,7 +51,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     the matmuls run in the autocast dtype and the (log-)softmax in fp32, as autocast does for the plain path.
     Speed (benchmarks/profile_step.py): the chunk's buffers are allocated once and every op after the matmul
     works in place; a fresh 50-200 MB tensor per op costs a page fault per 4 KB, which made this head 1.7x
-    slower in fp32 (1.8x in bf16) on the 2-core CPU."""
+    slower in fp32 (1.8x in bf16) on the 2-core CPU. On the CPU the chunk buffers and the fp32 dW are also kept
+    from step to step (`_workspace`): glibc hands freed blocks this large back to the kernel, and faulting in
+    their ~41k pages again every step cost the 174m step ~10%."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, tied=None):
@@ -74,15 +77,21 @@ class LinearCrossEntropy(torch.autograd.Function):
             row_w = valid / n  # d(mean CE)/d(row's CE): 1/n, 0 for ignored rows (folded into dh and dW here)
             total = h.new_zeros((), dtype=torch.float32)
             dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
-            z = torch.empty(chunk, Vp, dtype=dt, device=h.device)  # logits, then the gradient in dt
+            buf = functools.partial(_workspace, weight) if inplace else \
+                (lambda name, shape, dtype: torch.empty(shape, dtype=dtype, device=h.device))
+            z = buf("z", (chunk, Vp), dt)  # logits, then the gradient in dt
             # the in-place path's fp32 probabilities overwrite the logits; bf16 logits: an fp32 buffer of their own
-            probs = torch.empty(z.shape, dtype=torch.float32, device=h.device) if inplace and dt != torch.float32 else z
+            probs = buf("probs", z.shape, torch.float32) if inplace and dt != torch.float32 else z
             # accelerators: a chunk's dW in dt, summed in fp32; the in-place path sums fp32 products instead
             dw_c = torch.empty(wc.shape, dtype=dt, device=h.device) \
                 if need_grad and dt != torch.float32 and not inplace else None
-            # fp32 products write dW with the first chunk's (no pass to zero 4 x vocab x dim bytes); dt partials add
-            dw = (torch.empty if dw_c is None else torch.zeros)(wc.shape, dtype=torch.float32, device=h.device) \
-                if need_grad else None
+            # fp32 products write dW with the first chunk's (no pass to zero 4 x vocab x dim bytes); dt partials add.
+            # A fresh view of the kept buffer: autograd then takes it as the weight's .grad without a copy
+            dw = None
+            if need_grad and dw_c is None:
+                dw = buf("dw", wc.shape, torch.float32).view(wc.shape)
+            elif need_grad:
+                dw = torch.zeros(wc.shape, dtype=torch.float32, device=h.device)
             for i in range(0, n_rows, chunk):
                 rows = slice(i, i + chunk)
                 c = hc[rows].shape[0]
@@ -133,6 +142,21 @@ class LinearCrossEntropy(torch.autograd.Function):
             if ctx.tied is not None:  # the tied embedding's backward adds its rows into this same tensor
                 ctx.tied.dw = dw
         return dh.mul_(grad).to(ctx.h_dtype) if dh is not None else None, dw, None, None
+
+
+_WORKSPACE = WeakIdKeyDictionary()  # head weight -> {name: CPU buffer}; freed with the weight
+
+
+def _workspace(owner: torch.Tensor, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU buffer kept for `owner` from call to call. It is handed out again only when nothing
+    else holds its storage: a dW still alive as a .grad (accumulation, or kept by the caller) or saved for a
+    backward still to run, or a buffer in use by another thread, makes a fresh one, which is then the one kept."""
+    bufs = _WORKSPACE.setdefault(owner, {})
+    t = bufs.get(name)
+    # two references: the kept tensor and the temporary storage object made for the count
+    if t is None or t.shape != shape or t.dtype != dtype or torch._C._storage_Use_Count(t.untyped_storage()._cdata) > 2:
+        t = bufs[name] = torch.empty(shape, dtype=dtype)
+    return t
 
 
 def _ce_from_probs(p: torch.Tensor, tgt: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

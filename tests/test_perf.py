@@ -187,3 +187,32 @@ def test_tied_embedding_gradient_accumulates_and_falls_back_without_the_head():
         if not fused:
             emb_ref = m.embed.weight.grad.clone()
     assert emb_ref.abs().sum() > 0 and torch.allclose(m.embed.weight.grad, emb_ref, atol=1e-9, rtol=1e-5)
+
+
+def test_fused_cross_entropy_kept_buffers_never_overwrite_live_gradients():
+    """On the CPU the head's dW buffer is kept from step to step: reused once its .grad is dropped (no fresh
+    allocation), but a .grad the caller still holds, or the dW saved by a forward whose backward has not run,
+    keeps its values when another step runs."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 16, requires_grad=True)
+    steps = [(torch.randn(12, 16), torch.randint(0, 64, (12,))) for _ in range(3)]
+    ref = [torch.autograd.grad(F.cross_entropy(h @ w.t(), t), w)[0] for h, t in steps]
+
+    def grad_of(i):
+        model_mod.linear_cross_entropy(steps[i][0], w, steps[i][1]).backward()
+        g, w.grad = w.grad, None
+        return g
+
+    first = grad_of(0)
+    ptr = first.data_ptr()
+    held = grad_of(1)  # `first` is still alive: a fresh buffer
+    assert held.data_ptr() != ptr
+    assert torch.allclose(first, ref[0], atol=1e-7, rtol=1e-5) and torch.allclose(held, ref[1], atol=1e-7, rtol=1e-5)
+    del first
+    ptr = held.data_ptr()
+    del held
+    assert grad_of(2).data_ptr() == ptr  # nothing held it: the same memory again
+    pending = model_mod.linear_cross_entropy(steps[0][0], w, steps[0][1])  # saved dW, backward not yet run
+    assert torch.allclose(grad_of(2), ref[2], atol=1e-7, rtol=1e-5)
+    pending.backward()
+    assert torch.allclose(w.grad, ref[0], atol=1e-7, rtol=1e-5)
