@@ -19,6 +19,7 @@ def grads(m):
 @pytest.mark.parametrize("chunk", [1024, 7])  # one chunk, and many chunks with a ragged last one
 def test_fused_cross_entropy_equals_plain_loss_and_grads(chunk, inplace, vocab, monkeypatch):
     monkeypatch.setattr(model_mod, "CE_CHUNK", chunk)
+    monkeypatch.setattr(model_mod, "CE_CHUNK_ELEMS", 0)
     monkeypatch.setattr(model_mod, "CE_CHUNK_ACCEL", chunk)
     monkeypatch.setattr(model_mod, "INPLACE_CE_DEVICES", ("cpu",) if inplace else ())
     torch.manual_seed(0)
@@ -41,6 +42,7 @@ def test_fused_cross_entropy_equals_plain_loss_and_grads(chunk, inplace, vocab, 
 def test_fused_cross_entropy_bf16_and_no_grad(inplace, monkeypatch):
     monkeypatch.setattr(model_mod, "INPLACE_CE_DEVICES", ("cpu",) if inplace else ())
     monkeypatch.setattr(model_mod, "CE_CHUNK", 7)
+    monkeypatch.setattr(model_mod, "CE_CHUNK_ELEMS", 0)
     monkeypatch.setattr(model_mod, "CE_CHUNK_ACCEL", 7)
     torch.manual_seed(0)
     m = dsv3.DeepSeekV3(small_cfg(vocab_size=500)).train()  # not a multiple of 64: a padded vocabulary
@@ -138,6 +140,7 @@ def test_fused_cross_entropy_of_unlikely_targets(inplace, monkeypatch):
     loss; chunks of 3 rows put one such row in a chunk with ordinary ones."""
     monkeypatch.setattr(model_mod, "INPLACE_CE_DEVICES", ("cpu",) if inplace else ())
     monkeypatch.setattr(model_mod, "CE_CHUNK", 3)
+    monkeypatch.setattr(model_mod, "CE_CHUNK_ELEMS", 0)
     monkeypatch.setattr(model_mod, "CE_CHUNK_ACCEL", 3)
     torch.manual_seed(0)
     h = torch.randn(7, 16)
