@@ -1,0 +1,76 @@
+"""What the compiled decoding step's one-row matmuls cost on the CPU, with and without dsv3's two changes to them.
+
+    python benchmarks/gemv.py [--preset 174m] [--reps 8]
+
+A batch-1 decoding step multiplies one row by every weight: matrix-vector products, bound by reading the
+weights. `DeepSeekV3.decode_step(compiled=True)` compiles its blocks with `dsv3.model._decode_options`
+(inductor's decompose_mm_pass: each one-row matmul becomes a fused multiply-reduce) and runs the head as the
+compiled multiply-reduce `dsv3.model._head_decode`. This times that step (random weights, 32 new tokens from
+position 32, interleaved repetitions, median ms per token) three ways:
+  before      blocks compiled with cpp_wrapper only (torch's BLAS, MKL on x86, for the matmuls), eager head
+  +blocks     blocks compiled with _decode_options, eager head
+  +head       both: what decode_step runs
+and the head alone, eager F.linear vs compiled `_head_decode`, with the weight bytes read per second.
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import dsv3
+import dsv3.model as model_mod
+from dsv3.bench import interleaved
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="174m")
+    ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=32)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = dsv3.ModelConfig.preset(args.preset)
+    model = dsv3.DeepSeekV3(cfg).eval()
+    cache = model.new_cache(1, 2 * args.tokens)
+    tok = torch.zeros(1, 1, dtype=torch.long)
+    compiled_block, compiled_head = model_mod._compiled_block_decode, model_mod._compiled_head_decode
+    blocks = {
+        "mkl": torch.compile(model_mod.Block.decode, fullgraph=True, options={"cpp_wrapper": True}),
+        "decompose": compiled_block("cpu"),
+    }
+
+    def eager_head(device_type):
+        return lambda norm, w, x: F.linear(norm(x)[:, -1], w)
+
+    def variant(block, head):
+        def run():
+            model_mod._compiled_block_decode = lambda device_type: blocks[block]
+            model_mod._compiled_head_decode = head
+            cache.pos = args.tokens
+            for _ in range(args.tokens):
+                model.decode_step(tok, cache, compiled=True)
+        return run
+
+    fns = {"before": variant("mkl", eager_head), "+blocks": variant("decompose", eager_head),
+           "+head": variant("decompose", compiled_head)}
+    w = model.head.weight
+    x = torch.randn(1, 1, cfg.dim)
+    head_fn = compiled_head("cpu")
+    fns["head eager"] = lambda: [F.linear(model.norm(x)[:, -1], w) for _ in range(args.tokens)]
+    fns["head compiled"] = lambda: [head_fn(model.norm, w, x) for _ in range(args.tokens)]
+    try:
+        with torch.no_grad():
+            res = interleaved(fns, reps=args.reps, warmup=1)
+    finally:
+        model_mod._compiled_block_decode, model_mod._compiled_head_decode = compiled_block, compiled_head
+    print(f"{args.preset}, batch 1, fp32, threads {torch.get_num_threads()}: ms per token (median of {args.reps})")
+    for name, r in res.items():
+        ms = r["median"] / args.tokens * 1e3
+        extra = f"  weight read at {w.numel() * 4 / (ms / 1e3) / 1e9:.1f} GB/s" if name.startswith("head") else \
+            f"  {1e3 / ms:.1f} tokens/s"
+        print(f"  {name:14s} {ms:8.2f} ms{extra}  (spread {r['spread']:.0%})")
+
+
+if __name__ == "__main__":
+    main()
