@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     works in place; a fresh 50-200 MB tensor per op costs a page fault per 4 KB, which made this head 1.7x
     slower in fp32 (1.8x in bf16) on the 2-core CPU. On the CPU the chunk buffers and the fp32 dW are also kept
     from step to step (`_workspace`): glibc hands freed blocks this large back to the kernel, and faulting in
-    their ~41k pages again every step cost the 174m step ~10%."""
+    their ~41k pages again every step cost the 174m step ~10% on one 2-core VM and ~3% on another."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, tied=None):
@@ -64,8 +65,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
         inplace = h.device.type in INPLACE_CE_DEVICES
         n_rows = h.shape[0]
-        # CPU: narrow h gets more rows per chunk; in throwaway interleaved A/Bs of training steps on a 2-core
-        # AMD EPYC, 512 rows beat 256 by ~6% on the tiny step (dim 128), while 256 beat 512 on 174m's (dim 576)
+        # CPU: narrow h gets more rows per chunk; in interleaved A/Bs of training steps on a 2-core CPU, 512 rows
+        # beat 256 by ~6% on the tiny step (dim 128), while 256 beat 512 on 174m's (dim 576)
         rows = max(CE_CHUNK, CE_CHUNK_ELEMS // h.shape[1]) if inplace else CE_CHUNK_ACCEL
         chunk = max(1, min(rows, n_rows))
         V = weight.shape[0]
@@ -92,11 +93,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if need_grad and dt != torch.float32 and not inplace else None
             # fp32 products write dW with the first chunk's (no pass to zero 4 x vocab x dim bytes); dt partials add.
             # A fresh view of the kept buffer: autograd then takes it as the weight's .grad without a copy
-            dw = None
-            if need_grad and dw_c is None:
-                dw = buf("dw", wc.shape, torch.float32).view(wc.shape)
-            elif need_grad:
-                dw = torch.zeros(wc.shape, dtype=torch.float32, device=h.device)
+            dw = (buf("dw", wc.shape, torch.float32).view(wc.shape) if dw_c is None else
+                  torch.zeros(wc.shape, dtype=torch.float32, device=h.device)) if need_grad else None
             for i in range(0, n_rows, chunk):
                 rows = slice(i, i + chunk)
                 c = hc[rows].shape[0]
@@ -149,14 +147,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         return dh.mul_(grad).to(ctx.h_dtype) if dh is not None else None, dw, None, None
 
 
-_WORKSPACE = WeakIdKeyDictionary()  # head weight -> {name: CPU buffer}; freed with the weight
+_WORKSPACE = threading.local()  # per thread: head weight -> {name: CPU buffer}, freed with the weight
 
 
 def _workspace(owner: torch.Tensor, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU buffer kept for `owner` from call to call. It is handed out again only when nothing
-    else holds its storage: a dW still alive as a .grad (accumulation, or kept by the caller) or saved for a
-    backward still to run, or a buffer in use by another thread, makes a fresh one, which is then the one kept."""
-    bufs = _WORKSPACE.setdefault(owner, {})
+    """An uninitialised CPU buffer kept for `owner` from call to call, per thread (two threads never share one).
+    It is handed out again only when nothing else holds its storage: a dW still alive as a .grad (accumulation,
+    or kept by the caller) or saved for a backward still to run makes a fresh one, which is then the one kept."""
+    if not hasattr(_WORKSPACE, "by_owner"):
+        _WORKSPACE.by_owner = WeakIdKeyDictionary()
+    bufs = _WORKSPACE.by_owner.setdefault(owner, {})
     t = bufs.get(name)
     # two references: the kept tensor and the temporary storage object made for the count
     if t is None or t.shape != shape or t.dtype != dtype or torch._C._storage_Use_Count(t.untyped_storage()._cdata) > 2:
@@ -245,9 +245,9 @@ def _decode_options(device_type: str) -> dict:
     """Inductor options of the compiled one-token step. On CPU the graph's launcher is C++ (cpp_wrapper) instead
     of Python: less overhead for each of the many small kernels. And inductor's decompose_mm_pass turns each
     (1 x k) @ (k x n) matmul of a batch-1 step (n, k <= 2048) into a multiply-reduce loop fused with its
-    neighbours, which streams the weight once: MKL's matrix-vector product read the 174m blocks' weights at
-    ~8 GB/s of the ~39 GB/s this 2-core AMD EPYC copies at (per-op profile of the compiled step; 174m decoding
-    went from ~68 to ~45 ms per token in a throwaway interleaved timing). Other devices: inductor's defaults."""
+    neighbours, which streams the weight once: on a 2-core AMD EPYC, MKL's matrix-vector products read the 174m
+    blocks' weights at ~8 GB/s, a quarter of its copy bandwidth (`python benchmarks/gemv.py`). Other devices:
+    inductor's defaults."""
     if device_type != "cpu":
         return {}
     return {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
@@ -262,8 +262,8 @@ def _compiled_block_decode(device_type: str):
 
 def _head_decode(norm: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The last position's logits, head(norm(x))[:, -1], for the compiled one-token step. On CPU, for up to 4
-    rows, as a multiply-reduce that inductor fuses into one pass over the (vocab, dim) weight: MKL's
-    (1 x 576) @ (576 x 50,257) took ~12 ms, the fused loop ~4 ms (the weight's 116 MB at ~29-39 GB/s)."""
+    rows, as a multiply-reduce that inductor fuses into one pass over the (vocab, dim) weight, ~3x faster than
+    MKL's matrix-vector product there (`python benchmarks/gemv.py`)."""
     h = norm(x)[:, -1]
     if weight.device.type == "cpu" and h.shape[0] <= 4:
         return (h[:, None, :] * weight).sum(-1)
