@@ -1,4 +1,5 @@
-"""Building blocks shared by attention and feed-forward: RMSNorm, the SwiGLU `Expert`, RoPE.
+"""Building blocks shared by attention and feed-forward: RMSNorm, the SwiGLU `Expert`, RoPE, and `workspace`
+(buffers kept from call to call for the hand-written CPU kernels of attention and the fused head).
 
 RoPE uses the half-split layout (rotate the first half of a vector against its second half, as
 LLaMA does); DeepSeek's reference code pairs adjacent values instead. The two differ only by a fixed
@@ -8,9 +9,30 @@ Nothing here knows about configs, caches or training.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+_WORKSPACE = threading.local()  # per thread: owner -> {name: buffer}, freed with the owner
+
+
+def workspace(owner, name, shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An uninitialised buffer kept for `owner` (any object: a weight, a class) from call to call, per thread.
+    A fresh 5-200 MB tensor per call costs a page fault per 4 KB on the CPU: glibc hands freed blocks this large
+    back to the kernel. The kept one is handed out again only when nothing else holds its storage (a dW still
+    alive as a .grad, or saved for a backward still to run); otherwise a fresh one is made, and kept instead."""
+    if not hasattr(_WORKSPACE, "by_owner"):
+        _WORKSPACE.by_owner = WeakIdKeyDictionary()
+    bufs = _WORKSPACE.by_owner.setdefault(owner, {})
+    t = bufs.get(name)
+    # two references: the kept tensor and the temporary storage object made for the count
+    if (t is None or t.shape != shape or t.dtype != dtype or t.device != torch.device(device)
+            or torch._C._storage_Use_Count(t.untyped_storage()._cdata) > 2):
+        t = bufs[name] = torch.empty(shape, dtype=dtype, device=device)
+    return t
 
 
 class RMSNorm(nn.Module):

@@ -17,14 +17,13 @@ Masks, positions and the cache's bookkeeping are built by the model, not here.
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import RMSNorm, apply_rope
+from .layers import RMSNorm, apply_rope, workspace
 
 PAD_V_FOR_FLASH = True  # causal full-sequence attention (training, prefill) takes SDPA's flash path
 # causal full-sequence attention on the CPU takes CausalAttention while one layer's fp32 scores, a transient
@@ -74,20 +73,12 @@ class CausalAttention(torch.autograd.Function):
     in FlashAttention-2. For short sequences on the CPU, where torch's flash kernel (with V padded to the query
     width) zero-fills and copies its gradients (`fill_` and `copy_` in benchmarks/profile_step.py)."""
 
-    _scratch = threading.local()  # per thread: the last (B*H, T, T) buffers, reused by every layer and step
-
     @staticmethod
     def _buffer(slot: int, shape, like: torch.Tensor) -> torch.Tensor:
-        """Buffer `slot` of this shape and like's dtype and device, reused while those stay the same: a fresh
-        5-64 MB tensor per layer costs a page fault per 4 KB and, freed between layers, fragmented glibc's heap
-        (the 174m step's peak RSS rose by ~130 MB without reuse: `python -m dsv3 bench --sections memory`)."""
-        if not hasattr(CausalAttention._scratch, "bufs"):
-            CausalAttention._scratch.bufs = {}
-        bufs = CausalAttention._scratch.bufs
-        buf = bufs.get(slot)
-        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = bufs[slot] = like.new_empty(shape)
-        return buf
+        """Buffer `slot` (`layers.workspace`), shared by every layer and step: a fresh 5-64 MB tensor per layer
+        costs a page fault per 4 KB and, freed between layers, fragmented glibc's heap (the 174m step's peak RSS
+        rose by ~130 MB without reuse: `python -m dsv3 bench --sections memory`)."""
+        return workspace(CausalAttention, slot, shape, like.dtype, like.device)
 
     @staticmethod
     def _probs(q, k, scale):

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import ModelConfig
-from .layers import Expert, RMSNorm, rope_cache
+from .layers import Expert, RMSNorm, rope_cache, workspace
 from .mla import GQA, MLA, KVCache
 from .moe import MoE
 
@@ -55,7 +53,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     Speed (benchmarks/profile_step.py): the chunk's buffers are allocated once and every op after the matmul
     works in place; a fresh 50-200 MB tensor per op costs a page fault per 4 KB, which made this head 1.7x
     slower in fp32 (1.8x in bf16) on the 2-core CPU. On the CPU the chunk buffers and the fp32 dW are also kept
-    from step to step (`_workspace`): glibc hands freed blocks this large back to the kernel, and faulting in
+    from step to step (`layers.workspace`): glibc hands freed blocks this large back to the kernel, and faulting in
     their ~41k pages again every step cost the 174m step ~10% on one 2-core VM and ~3% on another."""
 
     @staticmethod
@@ -83,7 +81,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             row_w = valid / n  # d(mean CE)/d(row's CE): 1/n, 0 for ignored rows (folded into dh and dW here)
             total = h.new_zeros((), dtype=torch.float32)
             dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
-            buf = functools.partial(_workspace, weight) if inplace else \
+            buf = functools.partial(workspace, weight) if inplace else \
                 (lambda name, shape, dtype: torch.empty(shape, dtype=dtype, device=h.device))
             z = buf("z", (chunk, Vp), dt)  # logits, then the gradient in dt
             # the in-place path's fp32 probabilities overwrite the logits; bf16 logits: an fp32 buffer of their own
@@ -145,23 +143,6 @@ class LinearCrossEntropy(torch.autograd.Function):
             if ctx.tied is not None:  # the tied embedding's backward adds its rows into this same tensor
                 ctx.tied.dw = dw
         return dh.mul_(grad).to(ctx.h_dtype) if dh is not None else None, dw, None, None
-
-
-_WORKSPACE = threading.local()  # per thread: head weight -> {name: CPU buffer}, freed with the weight
-
-
-def _workspace(owner: torch.Tensor, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU buffer kept for `owner` from call to call, per thread (two threads never share one).
-    It is handed out again only when nothing else holds its storage: a dW still alive as a .grad (accumulation,
-    or kept by the caller) or saved for a backward still to run makes a fresh one, which is then the one kept."""
-    if not hasattr(_WORKSPACE, "by_owner"):
-        _WORKSPACE.by_owner = WeakIdKeyDictionary()
-    bufs = _WORKSPACE.by_owner.setdefault(owner, {})
-    t = bufs.get(name)
-    # two references: the kept tensor and the temporary storage object made for the count
-    if t is None or t.shape != shape or t.dtype != dtype or torch._C._storage_Use_Count(t.untyped_storage()._cdata) > 2:
-        t = bufs[name] = torch.empty(shape, dtype=dtype)
-    return t
 
 
 def _ce_from_probs(p: torch.Tensor, tgt: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
