@@ -14,7 +14,7 @@ def grads(m):
     return [p.grad.clone() for p in m.parameters()]
 
 
-@pytest.mark.parametrize("vocab", [512, 500])  # 500: the accelerator branch pads the vocabulary to 512
+@pytest.mark.parametrize("vocab", [512, 500])  # 500: padded to 512 (accelerators: the vocabulary; CPU: the rows)
 @pytest.mark.parametrize("inplace", [True, False])  # False: the accelerator branch (fresh tensors), run on CPU
 @pytest.mark.parametrize("chunk", [1024, 7])  # one chunk, and many chunks with a ragged last one
 def test_fused_cross_entropy_equals_plain_loss_and_grads(chunk, inplace, vocab, monkeypatch):
