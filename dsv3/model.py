@@ -74,7 +74,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         # 92-123 TFLOP/s; padded to 50,304, at 667-756 (`python benchmarks/head_gemm.py` there).
         Vp = V if inplace else -(-V // 64) * 64
         # CPU: W stays as is, but the chunk buffers' rows are padded to a multiple of CE_ROW_ALIGN elements. MKL wrote
-        # the logits (h @ W^T) 1.2-1.4x faster into 64-byte-aligned rows on a 2-core AMD EPYC (`python
+        # the logits (h @ W^T) 1.1-1.4x faster into 64-byte-aligned rows on a 2-core AMD EPYC (`python
         # benchmarks/head_gemm.py --device cpu`); the padding columns are -inf for the softmax (probability 0), and
         # every product reads the (c, V) view.
         stride = -(-V // CE_ROW_ALIGN) * CE_ROW_ALIGN if inplace else Vp
