@@ -9,7 +9,8 @@ Losses: balance loss alpha * N * sum_i f_i P_i (V2 eq. 23-25) and router z-loss
 mean_t logsumexp(logits_t)^2 (ST-MoE, Zoph et al. 2022).
 Dispatch sorts the (token, slot) pairs by expert so each expert runs one matmul on its own tokens
 (one `grouped_mm` for all experts where torch supports it; in bf16 on CPU each expert's rows are padded
-to a multiple of 16, see `_padded_grouped_swiglu`); there is no per-token Python loop. For compiled decoding,
+to a multiple of 16, see `_padded_grouped_swiglu`; in fp32 on CPU the backward is written out, `KeptGradSwiGLU`,
+so the weight gradients reuse kept buffers); there is no per-token Python loop. For compiled decoding,
 `RoutedExperts.gathered` reads each token's k experts by index instead (no sort, no host sync).
 """
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Expert
+from .layers import Expert, workspace
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
@@ -120,7 +121,7 @@ class RoutedExperts(nn.Module):
             elif _HAS_GROUPED_MM and dt == torch.bfloat16:
                 ys = _grouped_swiglu(xs, w1, w2, w3, load, g)
             elif _HAS_GROUPED_MM and cpu:  # torch's CPU grouped_mm also takes fp32, but its compile-time
-                ys = _grouped_swiglu_eager(xs, w1, w2, w3, load, g)  # shape check asks for bf16
+                ys = _kept_grad_swiglu_eager(xs, w1, w2, w3, load, g)  # shape check asks for bf16
             else:
                 ys = _looped_swiglu(xs, w1, w2, w3, load, g)
         return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)
@@ -145,7 +146,53 @@ def _grouped_swiglu(xs, w1, w2, w3, load, g):
     return F.grouped_mm(h, w2, offs=offs)
 
 
-_grouped_swiglu_eager = torch.compiler.disable(_grouped_swiglu)  # fp32 under torch.compile: a graph break
+class KeptGradSwiGLU(torch.autograd.Function):
+    """`_grouped_swiglu` in fp32 on the CPU, with the backward written out so that the experts' weight gradients
+    land in buffers kept from step to step (`layers.workspace`, reused only when nothing holds them), as the fused
+    head's dW does. grouped_mm's own backward allocates three fresh (experts, dim, inter) gradients per layer; on
+    a 2-core VM faulting their pages in (and zero-filling the slices of experts that got no rows) took a large,
+    variable share of a 174m step (`benchmarks/README.md`). Same products as grouped_mm's backward."""
+
+    @staticmethod
+    def forward(ctx, xs, w1, w2, w3, g, offs):
+        a1, a3 = F.grouped_mm(xs, w1, offs=offs), F.grouped_mm(xs, w3, offs=offs)
+        s1 = F.silu(a1)
+        ctx.save_for_backward(xs, w1, w2, w3, g, offs, a1, a3)
+        return F.grouped_mm(s1 * a3 * g, w2, offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xs, w1, w2, w3, g, offs, a1, a3 = ctx.saved_tensors
+        s1 = F.silu(a1)
+        dh = F.grouped_mm(dy, w2.transpose(1, 2), offs=offs)  # d(hidden row), hidden = silu(a1) * a3 * g
+        dhg = dh * g
+        da3 = dhg * s1
+        da1 = torch.ops.aten.silu_backward(dhg * a3, a1)  # silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a)))
+        dg = (dh * (s1 * a3)).sum(-1, keepdim=True)
+        dxs = F.grouped_mm(da1, w1.transpose(1, 2), offs=offs) + F.grouped_mm(da3, w3.transpose(1, 2), offs=offs)
+        h = s1 * a3 * g
+        bounds = [0] + offs.tolist()
+        grads = []
+        for i, (w, a, b) in enumerate(((w1, xs, da1), (w2, h, dy), (w3, xs, da3))):  # dW[e] = a_e^T @ b_e
+            if not ctx.needs_input_grad[1 + i]:
+                grads.append(None)
+                continue
+            dw = workspace(w, "dw", w.shape, w.dtype, w.device).view(w.shape)
+            for e in range(w.shape[0]):
+                lo, hi = bounds[e], bounds[e + 1]
+                if hi > lo:
+                    torch.mm(a[lo:hi].t(), b[lo:hi], out=dw[e])
+                else:
+                    dw[e].zero_()
+            grads.append(dw)
+        return dxs, grads[0], grads[1], grads[2], dg, None
+
+
+def _kept_grad_swiglu(xs, w1, w2, w3, load, g):
+    return KeptGradSwiGLU.apply(xs, w1, w2, w3, g, load.cumsum(0).to(torch.int32))
+
+
+_kept_grad_swiglu_eager = torch.compiler.disable(_kept_grad_swiglu)  # fp32 under torch.compile: a graph break
 
 CPU_BF16_ROWS = 16  # on CPU, bf16 expert groups are padded to a multiple of this many rows (see below)
 

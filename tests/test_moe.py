@@ -131,6 +131,60 @@ def test_dispatch_equals_per_token_reference(grouped, monkeypatch):
     assert torch.equal(m.last_load, torch.bincount(idx.flatten(), minlength=8).float())
 
 
+def _expert_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, d, i = 6, 16, 12
+    load = torch.tensor([5.0, 0.0, 9.0, 1.0, 0.0, 7.0])  # empty experts and a one-row one
+    xs = torch.randn(int(load.sum()), d, generator=g, requires_grad=True)
+    ws = [(torch.randn(*shape, generator=g) * 0.3).requires_grad_() for shape in ((n, d, i), (n, i, d), (n, d, i))]
+    gates = torch.rand(xs.shape[0], 1, generator=g, requires_grad=True)
+    return xs, ws, gates, load
+
+
+@pytest.mark.skipif(not moe._HAS_GROUPED_MM, reason="needs F.grouped_mm")
+def test_kept_grad_expert_backward_equals_grouped_mm_autograd():
+    """The fp32 CPU training path's hand-written backward (weight gradients in kept buffers) gives grouped_mm's
+    autograd outputs and gradients for every input, empty experts included (their gradient slices are zero)."""
+    out = {}
+    for fn in (moe._grouped_swiglu, moe._kept_grad_swiglu):
+        xs, (w1, w2, w3), gates, load = _expert_inputs()
+        y = fn(xs, w1, w2, w3, load, gates)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        out[fn] = [y.detach()] + [t.grad for t in (xs, w1, w2, w3, gates)]
+    for a, b in zip(out[moe._kept_grad_swiglu], out[moe._grouped_swiglu], strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    for w in out[moe._kept_grad_swiglu][2:5]:
+        assert w[[1, 4]].abs().max() == 0 and w[[0, 2, 3, 5]].abs().amin(dim=(1, 2)).min() > 0
+
+
+@pytest.mark.skipif(not moe._HAS_GROUPED_MM, reason="needs F.grouped_mm")
+def test_kept_grad_expert_buffers_never_overwrite_live_gradients():
+    """A weight gradient still held (a .grad kept by the caller, or accumulating over two backwards) keeps its values
+    when the next backward runs; once dropped, its memory is used again."""
+    xs, (w1, w2, w3), gates, load = _expert_inputs()
+    xs2 = torch.randn(xs.shape, generator=torch.Generator().manual_seed(2))
+
+    def grad_w2(x):
+        moe._kept_grad_swiglu(x, w1, w2, w3, load, gates).square().sum().backward()
+        g, w2.grad = w2.grad, None
+        return g
+
+    ref = [torch.autograd.grad(moe._grouped_swiglu(x, w1, w2, w3, load, gates).square().sum(), w2)[0]
+           for x in (xs, xs2)]
+    first = grad_w2(xs)
+    held = grad_w2(xs2)  # `first` is still alive: a fresh buffer
+    assert held.data_ptr() != first.data_ptr()
+    assert torch.allclose(first, ref[0], atol=1e-5) and torch.allclose(held, ref[1], atol=1e-5)
+    ptr = held.data_ptr()
+    del first, held
+    again = grad_w2(xs)
+    assert again.data_ptr() == ptr and torch.allclose(again, ref[0], atol=1e-5)  # nothing held it: same memory
+    del again
+    for x in (xs, xs2):  # two backwards into one .grad: the sum
+        moe._kept_grad_swiglu(x, w1, w2, w3, load, gates).square().sum().backward()
+    assert torch.allclose(w2.grad, ref[0] + ref[1], atol=1e-5)
+
+
 @pytest.mark.skipif(not moe._HAS_GROUPED_MM, reason="needs F.grouped_mm")
 def test_cpu_bf16_padded_dispatch(monkeypatch):
     """bf16 training on CPU pads each expert's rows to a multiple of CPU_BF16_ROWS: the padding rows must not
