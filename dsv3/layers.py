@@ -1,5 +1,6 @@
 """Building blocks shared by attention and feed-forward: RMSNorm, the SwiGLU `Expert`, RoPE, and `workspace`
-(buffers kept from call to call for the hand-written CPU kernels of attention and the fused head).
+(buffers kept from call to call for the hand-written CPU kernels of attention, the fused head and the
+experts' backward).
 
 RoPE uses the half-split layout (rotate the first half of a vector against its second half, as
 LLaMA does); DeepSeek's reference code pairs adjacent values instead. The two differ only by a fixed

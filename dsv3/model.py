@@ -40,7 +40,6 @@ class ModelOutput:
 
 CE_CHUNK = 256  # rows per chunk of the fused head + cross-entropy on the CPU, at least (x 50,257 fp32 = 51 MB, reused)
 CE_CHUNK_ELEMS = 65536  # ... and at least this many h elements (rows x dim) per chunk: 512 rows at dim 128 (`tiny`)
-CE_ROW_ALIGN = 64  # CPU: the chunk buffers' rows padded to a multiple of this many elements (W is not padded)
 INPLACE_CE_DEVICES = ("cpu",)  # device types whose chunk log-softmax runs in place in reused buffers
 CE_CHUNK_ACCEL = 4096  # rows per chunk elsewhere (GPUs): fewer, larger matmuls and fewer bf16 dW partials to sum
 
@@ -69,19 +68,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows = max(CE_CHUNK, CE_CHUNK_ELEMS // h.shape[1]) if inplace else CE_CHUNK_ACCEL
         chunk = max(1, min(rows, n_rows))
         V = weight.shape[0]
-        # accelerators: the vocabulary padded to a multiple of 64 by zero rows of W whose logits are set to -inf
-        # (probability 0, gradient 0). With the odd 50,257, cuBLAS on an H200 ran the head's three GEMMs at
-        # 92-123 TFLOP/s; padded to 50,304, at 667-756 (`python benchmarks/head_gemm.py` there).
-        Vp = V if inplace else -(-V // 64) * 64
-        # CPU: W stays as is, but the chunk buffers' rows are padded to a multiple of CE_ROW_ALIGN elements. MKL wrote
-        # the logits (h @ W^T) 1.1-1.4x faster into 64-byte-aligned rows on a 2-core AMD EPYC (`python
-        # benchmarks/head_gemm.py --device cpu`); the padding columns are -inf for the softmax (probability 0), and
-        # every product reads the (c, V) view.
-        stride = -(-V // CE_ROW_ALIGN) * CE_ROW_ALIGN if inplace else Vp
+        # The chunk buffers' rows are padded to Vp, a multiple of 64, whose padding logits are -inf (probability 0,
+        # gradient 0). Accelerators pad W too, with zero rows: with the odd 50,257, cuBLAS on an H200 ran the head's
+        # three GEMMs at 92-123 TFLOP/s, padded to 50,304 at 667-756 (`python benchmarks/head_gemm.py` there). The
+        # CPU keeps W as is, and its GEMMs read the (rows, V) view: MKL wrote the logits 1.1-1.4x faster into the
+        # 64-byte-aligned rows on a 2-core AMD EPYC (`python benchmarks/head_gemm.py --device cpu`).
+        Vp = -(-V // 64) * 64
         with torch.autocast(h.device.type, enabled=False):
             hc, wc = h.to(dt), weight.to(dt)
-            if Vp != V:
+            if not inplace and Vp != V:
                 wc = F.pad(wc, (0, 0, 0, Vp - V))
+            Vw = wc.shape[0]  # the classes the GEMMs see: Vp on accelerators, V on the CPU
             valid = targets != -100
             n = valid.sum()
             row_w = valid / n  # d(mean CE)/d(row's CE): 1/n, 0 for ignored rows (folded into dh and dW here)
@@ -89,7 +86,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
             buf = functools.partial(workspace, weight) if inplace else \
                 (lambda name, shape, dtype: torch.empty(shape, dtype=dtype, device=h.device))
-            z = buf("z", (chunk, stride), dt)  # logits, then the gradient in dt
+            z = buf("z", (chunk, Vp), dt)  # logits, then the gradient in dt
             # the in-place path's fp32 probabilities overwrite the logits; bf16 logits: an fp32 buffer of their own
             probs = buf("probs", z.shape, torch.float32) if inplace and dt != torch.float32 else z
             # accelerators: a chunk's dW in dt, summed in fp32; the in-place path sums fp32 products instead
@@ -102,17 +99,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             for i in range(0, n_rows, chunk):
                 rows = slice(i, i + chunk)
                 c = hc[rows].shape[0]
-                zc, pc = z[:c, :Vp], probs[:c]  # zc: a view with `stride` floats per row on the CPU
-                torch.mm(hc[rows], wc.t(), out=zc)
-                if Vp != V:
-                    zc[:, V:] = float("-inf")  # the padding classes
+                zc, pc = z[:c], probs[:c]
+                torch.mm(hc[rows], wc.t(), out=zc[:, :Vw])
+                zc[:, V:] = float("-inf")  # the padding classes
                 tgt, ok, rw = targets[rows].clamp(min=0), valid[rows], row_w[rows, None]
                 if inplace:  # in place into the reused fp32 buffer (tested here; CPU has no bf16 -> fp32 variant): the
                     # softmax, so the gradient needs no exp pass over the chunk after a log-softmax; CE = -log p_target
-                    if probs is not z:
-                        pc[:, :V].copy_(zc)
-                    pc[:, V:] = float("-inf")  # the row padding: a contiguous softmax over whole rows
-                    pc = torch.ops.aten._softmax.out(pc, 1, False, out=pc)[:, :V]
+                    pc = torch.ops.aten._softmax.out(zc if pc is zc else pc.copy_(zc), 1, False, out=pc)
                     ce = _ce_from_probs(pc, tgt, hc[rows], wc)
                 else:  # accelerators: a fresh tensor from the caching allocator costs nothing; no aliasing or host sync
                     lp = zc.float().log_softmax(dim=1)
@@ -120,9 +113,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                     pc = lp.exp_() if need_grad else None
                 total += (ce * ok).sum()
                 if need_grad:  # d(mean CE)/d logits = (softmax - onehot) / n; ignored rows are zeroed by rw
-                    g32 = pc
+                    g32 = pc[:, :Vw]
                     g32[torch.arange(c, device=pc.device), tgt] -= 1
-                    g = g32 if dt == torch.float32 else zc.copy_(g32)
+                    g = g32 if dt == torch.float32 else zc[:, :Vw].copy_(g32)
                     dh[rows] = (g @ wc).float() * rw
                     if dw_c is None:  # fp32 products: bf16-rounded chunk partials made bf16 training spike on CPU
                         if i == 0:

@@ -120,8 +120,8 @@ class RoutedExperts(nn.Module):
                 ys = _looped_swiglu(xs, w1, w2, w3, load, g)
             elif _HAS_GROUPED_MM and dt == torch.bfloat16:
                 ys = _grouped_swiglu(xs, w1, w2, w3, load, g)
-            elif _HAS_GROUPED_MM and cpu:  # torch's CPU grouped_mm also takes fp32, but its compile-time
-                ys = _kept_grad_swiglu_eager(xs, w1, w2, w3, load, g)  # shape check asks for bf16
+            elif _HAS_GROUPED_MM and cpu:  # fp32: weight gradients into kept buffers
+                ys = _kept_grad_swiglu(xs, w1, w2, w3, load, g)
             else:
                 ys = _looped_swiglu(xs, w1, w2, w3, load, g)
         return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)
@@ -188,11 +188,9 @@ class KeptGradSwiGLU(torch.autograd.Function):
         return dxs, grads[0], grads[1], grads[2], dg, None
 
 
+@torch.compiler.disable  # fp32 under torch.compile: a graph break (torch's CPU grouped_mm check asks for bf16)
 def _kept_grad_swiglu(xs, w1, w2, w3, load, g):
     return KeptGradSwiGLU.apply(xs, w1, w2, w3, g, load.cumsum(0).to(torch.int32))
-
-
-_kept_grad_swiglu_eager = torch.compiler.disable(_kept_grad_swiglu)  # fp32 under torch.compile: a graph break
 
 CPU_BF16_ROWS = 16  # on CPU, bf16 expert groups are padded to a multiple of this many rows (see below)
 
