@@ -66,34 +66,46 @@ class KVCache:
 
 
 class CausalAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + causal mask) v for full-sequence self-attention, spelled out in fp32 (under autocast
-    too): one baddbmm writes the scaled, masked scores and the softmax runs in place in them. Backward recomputes
-    the probabilities P (so only q, k, v and the output are kept, as for the flash kernel: no B x H x T^2 tensor
-    per layer between forward and backward) and applies the textbook gradient, dS = P * (dP - rowsum(dO * O)) as
-    in FlashAttention-2. For short sequences on the CPU, where torch's flash kernel (with V padded to the query
-    width) zero-fills and copies its gradients (`fill_` and `copy_` in benchmarks/profile_step.py)."""
+    """softmax(q k^T * scale + causal mask) v for full-sequence self-attention, spelled out: one baddbmm writes the
+    scaled, masked scores and the softmax runs in place in them. Backward recomputes the probabilities P (so only
+    q, k, v and the output are kept, as for the flash kernel: no B x H x T^2 tensor per layer between forward and
+    backward) and applies the textbook gradient, dS = P * (dP - rowsum(dO * O)) as in FlashAttention-2. For short
+    sequences on the CPU, where torch's flash kernel (with V padded to the query width) zero-fills and copies its
+    gradients (`fill_` and `copy_` in benchmarks/profile_step.py).
+    Under bf16 autocast it keeps FlashAttention-2's precisions: scores, softmax and dS in fp32, the other five
+    matmuls (P V, dP, dQ, dK, dV) on bf16 operands. The CPU has no bf16 x bf16 -> fp32 matmul, so the scores'
+    product stays fp32 (rounding the scores to bf16 doubled the error of the outputs and gradients against fp32,
+    to twice that of torch's SDPA in bf16); fp32 operands made the other five 3-5x slower on a 2-core AVX512-BF16
+    CPU, and the attention's forward + backward on the 174m layer shape went from ~16 to ~12 ms."""
 
     @staticmethod
-    def _buffer(slot: int, shape, like: torch.Tensor) -> torch.Tensor:
+    def _buffer(slot: int, shape, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
         """Buffer `slot` (`layers.workspace`), shared by every layer and step: a fresh 5-64 MB tensor per layer
         costs a page fault per 4 KB and, freed between layers, fragmented glibc's heap (the 174m step's peak RSS
         rose by ~130 MB without reuse: `python -m dsv3 bench --sections memory`)."""
-        return workspace(CausalAttention, slot, shape, like.dtype, like.device)
+        return workspace(CausalAttention, slot, shape, dtype, like.device)
 
     @staticmethod
-    def _probs(q, k, scale):
-        """P = softmax(q k^T * scale + causal mask) in reused buffer 0, (B, H, T, T)."""
+    def _probs(q, k, scale, dt):
+        """P = softmax(q k^T * scale + causal mask) as (B*H, T, T), in q's dtype (fp32 or wider) and in dt for the
+        matmuls (the same buffer when dt is q's dtype). Buffers 0 (q's dtype) and 2 (dt, bf16 only)."""
         B, H, T, d = q.shape
         mask = q.new_full((T, T), float("-inf")).triu_(1)  # additive: 0 on and below the diagonal
-        s = CausalAttention._buffer(0, (B * H, T, T), q)
+        s = CausalAttention._buffer(0, (B * H, T, T), q.dtype, q)
         torch.baddbmm(mask, q.reshape(B * H, T, d), k.reshape(B * H, T, d).transpose(1, 2), alpha=scale, out=s)
-        return torch.ops.aten._softmax.out(s, -1, False, out=s).view(B, H, T, T)  # in place (tests/test_mla.py)
+        p = torch.ops.aten._softmax.out(s, -1, False, out=s)  # in place (tests/test_mla.py)
+        return p, (p if dt == p.dtype else CausalAttention._buffer(2, p.shape, dt, q).copy_(p))
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
+    @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, q, k, v, scale):
-        """q, k (B, H, T, d_qk), v (B, H, T, d_v) -> (B, H, T, d_v)."""
-        o = CausalAttention._probs(q, k, scale) @ v
+        """q, k (B, H, T, d_qk), v (B, H, T, d_v) -> (B, H, T, d_v), in the autocast dtype (else v's)."""
+        dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else v.dtype
+        acc = torch.promote_types(dt, torch.float32)  # the scores' dtype: fp32 for bf16 and fp32
+        with torch.autocast("cpu", enabled=False):
+            q, k, v = q.to(acc), k.to(acc), v.to(dt)
+            B, H, T, _ = q.shape
+            o = (CausalAttention._probs(q, k, scale, dt)[1] @ v.reshape(B * H, T, -1)).view(B, H, T, -1)
         ctx.save_for_backward(q, k, v, o)
         ctx.scale = scale
         return o
@@ -103,12 +115,19 @@ class CausalAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # it works in reused buffers
     def backward(ctx, do):
         q, k, v, o = ctx.saved_tensors
-        p = CausalAttention._probs(q, k, ctx.scale)
-        ds = torch.matmul(do, v.transpose(-1, -2), out=CausalAttention._buffer(1, p.shape, p))  # dP, then dS
-        ds.sub_((do * o).sum(-1, keepdim=True)).mul_(p)  # in place; the scale goes on dq and dk
-        dq = (ds @ k).mul_(ctx.scale)
-        dk = (ds.transpose(-1, -2) @ q).mul_(ctx.scale)
-        return dq, dk, p.transpose(-1, -2) @ do, None
+        B, H, T, _ = q.shape
+        dt = v.dtype
+        with torch.autocast("cpu", enabled=False):
+            do = do.to(dt)
+            p, pd = CausalAttention._probs(q, k, ctx.scale, dt)
+            p, pd = p.view(B, H, T, T), pd.view(B, H, T, T)
+            dp = torch.matmul(do, v.transpose(-1, -2), out=CausalAttention._buffer(1, p.shape, dt, q))
+            ds = dp if dp.dtype == p.dtype else CausalAttention._buffer(3, p.shape, p.dtype, q).copy_(dp)
+            ds.sub_((do.to(p.dtype) * o.to(p.dtype)).sum(-1, keepdim=True)).mul_(p)  # dS in place; scale on dq, dk
+            ds = ds if ds is dp else dp.copy_(ds)
+            dq = (ds @ k.to(dt)).mul_(ctx.scale)
+            dk = (ds.transpose(-1, -2) @ q.to(dt)).mul_(ctx.scale)
+            return dq, dk, pd.transpose(-1, -2) @ do, None
 
 
 class MLA(nn.Module):
