@@ -1,6 +1,6 @@
 """Building blocks shared by attention and feed-forward: RMSNorm, the SwiGLU `Expert`, RoPE, and `workspace`
 (buffers kept from call to call for the hand-written CPU kernels of attention, the fused head and the
-experts' backward).
+experts' backward) with `KeptGradCast` (a weight cast whose gradient lands in such a buffer).
 
 RoPE uses the half-split layout (rotate the first half of a vector against its second half, as
 LLaMA does); DeepSeek's reference code pairs adjacent values instead. The two differ only by a fixed
@@ -34,6 +34,26 @@ def workspace(owner, name, shape, dtype: torch.dtype, device: torch.device | str
             or torch._C._storage_Use_Count(t.untyped_storage()._cdata) > 2):
         t = bufs[name] = torch.empty(shape, dtype=dtype, device=device)
     return t
+
+
+
+class KeptGradCast(torch.autograd.Function):
+    """w.to(dtype) whose backward writes w's gradient, in w's dtype, into a buffer kept for w (`workspace`) rather
+    than a fresh tensor: the CPU's bf16 expert dispatch casts the experts' stacked fp32 weights, and the fresh
+    3.4 MB fp32 gradients of the cast (ToCopyBackward) took ~1.9 ms each, ~170 ms of a 174m bf16 step, mostly in
+    page faults on a 2-core VM. `apply(w, dtype)` with dtype != w.dtype."""
+
+    @staticmethod
+    def forward(ctx, w, dtype):
+        ctx.w = w  # the buffer's owner (a parameter: no reference cycle through the graph)
+        return w.to(dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        w = ctx.w
+        # a fresh view of the kept buffer, as for the fused head's dW: autograd takes it as w.grad without a copy
+        return workspace(w, "dw", w.shape, w.dtype, w.device).view(w.shape).copy_(grad), None
 
 
 class RMSNorm(nn.Module):

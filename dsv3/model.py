@@ -74,8 +74,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         # CPU keeps W as is, and its GEMMs read the (rows, V) view: MKL wrote the logits 1.1-1.4x faster into the
         # 64-byte-aligned rows on a 2-core AMD EPYC (`python benchmarks/head_gemm.py --device cpu`).
         Vp = -(-V // 64) * 64
+        buf = functools.partial(workspace, weight) if inplace else \
+            (lambda name, shape, dtype: torch.empty(shape, dtype=dtype, device=h.device))
         with torch.autocast(h.device.type, enabled=False):
-            hc, wc = h.to(dt), weight.to(dt)
+            # the CPU casts W into a kept buffer: a fresh 58 MB bf16 copy of the 174m's head took ~100 ms to fault in
+            hc = h.to(dt)
+            wc = buf("w_cast", weight.shape, dt).copy_(weight) if inplace and dt != weight.dtype else weight.to(dt)
             if not inplace and Vp != V:
                 wc = F.pad(wc, (0, 0, 0, Vp - V))
             Vw = wc.shape[0]  # the classes the GEMMs see: Vp on accelerators, V on the CPU
@@ -84,8 +88,6 @@ class LinearCrossEntropy(torch.autograd.Function):
             row_w = valid / n  # d(mean CE)/d(row's CE): 1/n, 0 for ignored rows (folded into dh and dW here)
             total = h.new_zeros((), dtype=torch.float32)
             dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
-            buf = functools.partial(workspace, weight) if inplace else \
-                (lambda name, shape, dtype: torch.empty(shape, dtype=dtype, device=h.device))
             z = buf("z", (chunk, Vp), dt)  # logits, then the gradient in dt
             # the in-place path's fp32 probabilities overwrite the logits; bf16 logits: an fp32 buffer of their own
             probs = buf("probs", z.shape, torch.float32) if inplace and dt != torch.float32 else z

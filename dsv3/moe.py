@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Expert, workspace
+from .layers import Expert, KeptGradCast, workspace
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
@@ -108,9 +108,11 @@ class RoutedExperts(nn.Module):
         token = order // k
         w1, w2, w3 = self.w1, self.w2, self.w3
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if dt != w1.dtype:  # grouped_mm is not on autocast's list
-            w1, w2, w3 = w1.to(dt), w2.to(dt), w3.to(dt)
         cpu = x.device.type == "cpu"
+        if dt != w1.dtype:  # grouped_mm is not on autocast's list; the CPU trains with kept weight gradients
+            kept = cpu and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            cast = KeptGradCast.apply if kept else (lambda w, d: w.to(d))
+            w1, w2, w3 = cast(w1, dt), cast(w2, dt), cast(w3, dt)
         g = gates.reshape(-1)[order].unsqueeze(-1).to(dt)  # each sorted pair's gate g_i,t
         if cpu and _HAS_GROUPED_MM and dt == torch.bfloat16 and torch.is_grad_enabled():
             ys = _padded_grouped_swiglu(x.to(dt), token, w1, w2, w3, load, g)

@@ -255,3 +255,33 @@ def test_trace_records_topk_ids_and_gates():
     g_ref, i_ref, _, _ = m.gate(x.view(-1, 64))
     assert ids.shape == gates.shape == (2, 5, 2)
     assert torch.equal(ids.view(-1, 2), i_ref) and torch.allclose(gates.view(-1, 2), g_ref)
+
+
+def test_kept_grad_cast_gives_the_cast_gradient_in_a_kept_buffer_never_a_live_one():
+    """KeptGradCast (the CPU's bf16 expert weights): the gradient of w.to(bf16) in w's fp32, as autograd's own cast
+    gives; written into w's kept buffer when nothing holds it, a fresh one while a .grad is alive, summed over two
+    backwards."""
+    from dsv3.layers import KeptGradCast
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 8, 5, generator=g, requires_grad=True)
+    xs = [torch.randn(4, 3, 8, generator=g).bfloat16() for _ in range(2)]
+
+    def loss(x, cast):
+        return (x.transpose(0, 1) @ cast(w)).float().sin().sum()
+
+    ref = [torch.autograd.grad(loss(x, lambda t: t.to(torch.bfloat16)), w)[0] for x in xs]
+    assert ref[0].dtype == torch.float32 and not torch.equal(ref[0], ref[1])
+    grads = []
+    for x in xs:
+        loss(x, lambda t: KeptGradCast.apply(t, torch.bfloat16)).backward()
+        grads.append(w.grad)
+        w.grad = None
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref, strict=True))
+    assert grads[0].data_ptr() != grads[1].data_ptr()  # the first was still held
+    ptr = grads[1].data_ptr()
+    del grads
+    loss(xs[0], lambda t: KeptGradCast.apply(t, torch.bfloat16)).backward()
+    assert w.grad.data_ptr() == ptr and torch.equal(w.grad, ref[0])  # nothing held it: the same memory again
+    loss(xs[1], lambda t: KeptGradCast.apply(t, torch.bfloat16)).backward()  # into the live .grad: the sum
+    assert torch.allclose(w.grad, ref[0] + ref[1], atol=1e-6)
