@@ -55,6 +55,10 @@ def machine() -> dict:
     try:
         text = open("/proc/cpuinfo").read()
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        first = (line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in first}
+        # a VM's model name can be as bare as "AMD EPYC": family and model tell the generation (AMD 26: Zen 5)
+        info.update(cpu_family=fields.get("cpu family"), cpu_model=fields.get("model"))
         flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split())
         info.update(amx="amx_bf16" in flags, avx512_bf16="avx512_bf16" in flags, avx512="avx512f" in flags)
     except (OSError, StopIteration):
@@ -492,7 +496,8 @@ def run(quick: bool = False, hf: bool = True, sections: tuple[str, ...] = SECTIO
 def table(res: dict) -> str:
     """Human-readable summary of a results dict."""
     m = res["machine"]
-    lines = [f"machine: {m.get('cpu')}, {m.get('threads')} threads, AMX {m.get('amx')}, AVX512-BF16 "
+    lines = [f"machine: {m.get('cpu')} (family {m.get('cpu_family', '?')} model {m.get('cpu_model', '?')}), "
+             f"{m.get('threads')} threads, AMX {m.get('amx')}, AVX512-BF16 "
              f"{m.get('avx512_bf16')}; torch {m.get('torch')}, transformers {m.get('transformers')}"
              + (f"; GPU {m['gpu']}" if m.get("gpu") else "")]
     if "matmul" in res:
