@@ -473,7 +473,7 @@ def run(quick: bool = False, hf: bool = True, sections: tuple[str, ...] = SECTIO
         log("training step ...")
         res["train"] = {}
         for p in presets:  # the 174m step takes seconds on a CPU: fewer rounds; a GPU step, tens of ms
-            reps = 10 if device == "cuda" else 3 if quick or p != "tiny" else 5
+            reps = 10 if device == "cuda" else 3 if quick else 5 if p != "tiny" else 9
             res["train"].update(bench_train((p,), precisions, hf, reps=reps,
                                             peaks=peaks, device=device, compile=compile, shapes=shapes))
     if "dispatch" in sections and device == "cpu":
