@@ -36,7 +36,6 @@ def workspace(owner, name, shape, dtype: torch.dtype, device: torch.device | str
     return t
 
 
-
 class KeptGradCast(torch.autograd.Function):
     """w.to(dtype) whose backward writes w's gradient, in w's dtype, into a buffer kept for w (`workspace`) rather
     than a fresh tensor: the CPU's bf16 expert dispatch casts the experts' stacked fp32 weights, and the fresh
