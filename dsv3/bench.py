@@ -53,15 +53,14 @@ def machine() -> dict:
     info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "logical_cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
     try:
-        text = open("/proc/cpuinfo").read()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        first = (line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in first}
+        first_cpu = open("/proc/cpuinfo").read().split("\n\n")[0]  # every logical CPU repeats the same block
+        pairs = (line.split(":", 1) for line in first_cpu.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in pairs}
+        flags = set(fields["flags"].split())
         # a VM's model name can be as bare as "AMD EPYC": family and model tell the generation (AMD 26: Zen 5)
-        info.update(cpu_family=fields.get("cpu family"), cpu_model=fields.get("model"))
-        flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split())
-        info.update(amx="amx_bf16" in flags, avx512_bf16="avx512_bf16" in flags, avx512="avx512f" in flags)
-    except (OSError, StopIteration):
+        info.update(cpu=fields["model name"], cpu_family=fields.get("cpu family"), cpu_model=fields.get("model"),
+                    amx="amx_bf16" in flags, avx512_bf16="avx512_bf16" in flags, avx512="avx512f" in flags)
+    except (OSError, KeyError):
         pass
     try:
         import transformers
