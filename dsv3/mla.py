@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import RMSNorm, apply_rope, workspace
+from .layers import Linear, RMSNorm, apply_rope, workspace
 
 PAD_V_FOR_FLASH = True  # causal full-sequence attention (training, prefill) takes SDPA's flash path
 # causal full-sequence attention on the CPU takes CausalAttention while one layer's fp32 scores, a transient
@@ -139,17 +139,17 @@ class MLA(nn.Module):
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         q_out = cfg.n_heads * cfg.qk_head_dim
         if cfg.q_lora_rank == 0:
-            self.wq = nn.Linear(cfg.dim, q_out, bias=False)  # W^Q and W^QR together
+            self.wq = Linear(cfg.dim, q_out, bias=False)  # W^Q and W^QR together
         else:  # eq. 12-13: queries through their own low-rank latent c_q
-            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
+            self.wq_b = Linear(cfg.q_lora_rank, q_out, bias=False)
         # eq. 9 + eq. 15: one down-projection gives the latent c_kv and the shared RoPE key k_pe
-        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.wkv_a = Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
         # eq. 10-11: W^UK and W^UV stacked per head: rows [h, :nope] -> k_nope, rows [h, nope:] -> v
-        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+        self.wkv_b = Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         self.scale = 1.0 / math.sqrt(cfg.qk_head_dim)  # softmax scale over nope + rope dims
 
     def _project(self, x, cos, sin):
@@ -230,10 +230,10 @@ class GQA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer_id: int = 0, mask=None):
         B, T, _ = x.shape

@@ -1,12 +1,15 @@
 """Speed options of the model keep its numbers: the fused chunked head + cross-entropy (return_logits=False),
 the padded-V flash attention path, and the token check on accelerators."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import small_cfg
 
 import dsv3
+import dsv3.layers as layers
 import dsv3.model as model_mod
 
 
@@ -22,6 +25,7 @@ def test_fused_cross_entropy_equals_plain_loss_and_grads(chunk, inplace, vocab, 
     monkeypatch.setattr(model_mod, "CE_CHUNK_ELEMS", 0)
     monkeypatch.setattr(model_mod, "CE_CHUNK_ACCEL", chunk)
     monkeypatch.setattr(model_mod, "INPLACE_CE_DEVICES", ("cpu",) if inplace else ())
+    monkeypatch.setattr(model_mod, "CE_LOGITS_BLOCK", 96)  # the CPU's oneDNN logits in 6 blocks, the last ragged
     torch.manual_seed(0)
     m = dsv3.DeepSeekV3(small_cfg(vocab_size=vocab)).train()
     x, y = torch.randint(0, vocab, (3, 17)), torch.randint(0, vocab, (3, 17))
@@ -36,6 +40,34 @@ def test_fused_cross_entropy_equals_plain_loss_and_grads(chunk, inplace, vocab, 
     assert out.ce_loss.item() == pytest.approx(ref.ce_loss.item(), rel=1e-6)
     for a, b in zip(grads(m), g_ref, strict=True):
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-4)
+
+
+@pytest.mark.skipif(not layers.ONEDNN_FP32, reason="this torch build has no oneDNN linear")
+def test_onednn_linear_matches_float64_and_runs_only_for_cpu_fp32_without_bias(monkeypatch):
+    calls = []
+    real = layers.onednn_mm
+    monkeypatch.setattr(layers, "onednn_mm", lambda x, w: calls.append(tuple(x.shape)) or real(x, w))
+    torch.manual_seed(0)
+    lin = layers.Linear(48, 40, bias=False)
+    x = torch.randn(3, 20, 96)[..., ::2].requires_grad_()  # a strided (non-contiguous) input
+    y = lin(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert calls == [(60, 48), (60, 40)]  # the forward, then dX; dW is torch's matmul
+    x64, w64, dy64 = x.detach().double().reshape(60, 48), lin.weight.detach().double(), dy.double().reshape(60, 40)
+    for got, ref in ((y, x64 @ w64.T), (x.grad, dy64 @ w64), (lin.weight.grad, dy64.T @ x64)):
+        assert torch.allclose(got.double().reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(x).dtype == torch.bfloat16  # autocast's bf16 linear
+    lin(x[:1, :5])  # 5 rows (decoding): torch's matmul
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the flags warn that oneDNN's TF32 is for Intel GPUs
+        with torch.backends.mkldnn.flags(enabled=False):
+            lin(x)
+    biased = layers.Linear(48, 40)
+    assert torch.allclose(biased(x), F.linear(x, biased.weight, biased.bias))
+    assert calls == []
 
 
 @pytest.mark.parametrize("inplace", [True, False])  # False: the accelerator branch (fresh tensors), run on CPU
