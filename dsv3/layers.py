@@ -78,9 +78,10 @@ def use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 class OneDNNLinear(torch.autograd.Function):
     """x @ W^T with oneDNN's GEMM for the forward and for dX = dY W; dW = dY^T X stays torch's (MKL's) matmul,
-    as fast or faster on these shapes. On a 2-core AMD EPYC (Zen 4), MKL 2024 ran the forward's x @ W^T at
-    105-145 GFLOP/s on the 174m's linear shapes where oneDNN ran 150-170, and the 174m fp32 training step
-    went ~7% faster (`python -m dsv3 bench`); oneDNN was faster or level on every 174m shape tried."""
+    as fast or faster there. On a 2-core AMD EPYC (Zen 4), MKL 2024 ran the forward's x @ W^T at 105-145
+    GFLOP/s on the 174m's linear shapes where oneDNN ran 150-170 (throwaway interleaved timings), and in a
+    throwaway same-process A/B the 174m fp32 training step took 3.76 s instead of 4.11 (tiny: 0.453 vs 0.462).
+    Not measured on an Intel CPU; `ONEDNN_FP32 = False` turns it off."""
 
     @staticmethod
     def forward(ctx, x, w):
