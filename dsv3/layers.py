@@ -104,7 +104,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is None and use_onednn(x, self.weight):
             return OneDNNLinear.apply(x, self.weight)
-        return F.linear(x, self.weight, self.bias)
+        return super().forward(x)
 
 
 class RMSNorm(nn.Module):
