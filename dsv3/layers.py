@@ -25,15 +25,17 @@ def workspace(owner, name, shape, dtype: torch.dtype, device: torch.device | str
     """An uninitialised buffer kept for `owner` (any object: a weight, a class) from call to call, per thread.
     A fresh 5-200 MB tensor per call costs a page fault per 4 KB on the CPU: glibc hands freed blocks this large
     back to the kernel. The kept one is handed out again only when nothing else holds its storage (a dW still
-    alive as a .grad, or saved for a backward still to run); otherwise a fresh one is made, and kept instead."""
+    alive as a .grad, or saved for a backward still to run); otherwise a fresh one is made, and kept instead.
+    One buffer per name and dtype: steps that alternate fp32 and bf16 (the interleaved benchmark) each find their
+    own instead of replacing the other's (which had cost the tiny fp32 step ~100 MB of page faults each time)."""
     if not hasattr(_WORKSPACE, "by_owner"):
         _WORKSPACE.by_owner = WeakIdKeyDictionary()
     bufs = _WORKSPACE.by_owner.setdefault(owner, {})
-    t = bufs.get(name)
+    t = bufs.get((name, dtype))
     # two references: the kept tensor and the temporary storage object made for the count
-    if (t is None or t.shape != shape or t.dtype != dtype or t.device != torch.device(device)
+    if (t is None or t.shape != shape or t.device != torch.device(device)
             or torch._C._storage_Use_Count(t.untyped_storage()._cdata) > 2):
-        t = bufs[name] = torch.empty(shape, dtype=dtype, device=device)
+        t = bufs[name, dtype] = torch.empty(shape, dtype=dtype, device=device)
     return t
 
 

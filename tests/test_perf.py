@@ -251,3 +251,24 @@ def test_fused_cross_entropy_kept_buffers_never_overwrite_live_gradients():
     assert torch.allclose(grad_of(2), ref[2], atol=1e-7, rtol=1e-5)
     pending.backward()
     assert torch.allclose(w.grad, ref[0], atol=1e-7, rtol=1e-5)
+
+
+def test_workspace_keeps_one_buffer_per_dtype():
+    """Alternating fp32 and bf16 calls (as the interleaved benchmark's steps do) each get their own kept buffer
+    back, instead of each call replacing the other dtype's; the head's values stay right across the switch."""
+    owner = object.__new__(type("Owner", (), {}))
+    a32 = layers.workspace(owner, "z", (8, 4), torch.float32)
+    a16 = layers.workspace(owner, "z", (8, 4), torch.bfloat16)
+    assert layers.workspace(owner, "z", (8, 4), torch.float32) is a32  # the kept tensor itself: no allocation
+    assert layers.workspace(owner, "z", (8, 4), torch.bfloat16) is a16
+    assert layers.workspace(owner, "z", (4, 4), torch.float32).shape == (4, 4)  # a new shape: a new buffer
+
+    torch.manual_seed(123)
+    w = torch.randn(64, 16, requires_grad=True)
+    h, t = torch.randn(12, 16), torch.randint(0, 64, (12,))
+    ref = torch.autograd.grad(F.cross_entropy(h @ w.t(), t), w)[0]
+    for bf16 in (False, True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model_mod.linear_cross_entropy(h, w, t).backward()
+        assert torch.allclose(w.grad, ref, atol=2e-2 if bf16 else 1e-7, rtol=2e-2 if bf16 else 1e-5)
+        w.grad = None
