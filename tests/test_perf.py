@@ -256,7 +256,7 @@ def test_fused_cross_entropy_kept_buffers_never_overwrite_live_gradients():
 def test_workspace_keeps_one_buffer_per_dtype():
     """Alternating fp32 and bf16 calls (as the interleaved benchmark's steps do) each get their own kept buffer
     back, instead of each call replacing the other dtype's; the head's values stay right across the switch."""
-    owner = object.__new__(type("Owner", (), {}))
+    owner = type("Owner", (), {})()  # any weak-referenceable object
     a32 = layers.workspace(owner, "z", (8, 4), torch.float32)
     a16 = layers.workspace(owner, "z", (8, 4), torch.bfloat16)
     assert layers.workspace(owner, "z", (8, 4), torch.float32) is a32  # the kept tensor itself: no allocation
