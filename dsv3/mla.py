@@ -26,8 +26,9 @@ from .config import ModelConfig
 from .layers import Linear, RMSNorm, apply_rope, workspace
 
 PAD_V_FOR_FLASH = True  # causal full-sequence attention (training, prefill) takes SDPA's flash path
-# causal full-sequence attention on the CPU takes CausalAttention while one layer's fp32 scores, a transient
-# buffer, fit in this many bytes (B x n_heads x T^2 x 4: 4.7 MB for the 174m at 2 x 256); longer: the flash path
+# causal full-sequence attention on the CPU takes CausalAttention while one layer's fp32 scores would fit in this
+# many bytes (B x n_heads x T^2 x 4: 4.7 MB for the 174m at 2 x 256; it holds one batch row's at a time in a
+# reused buffer); longer sequences take the flash path, whose tiles stay in cache
 CPU_EXPLICIT_ATTN_MAX_BYTES = 64 << 20
 
 
@@ -65,18 +66,33 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.tensors) // (self.batch * self.max_len)
 
 
+def _rope_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float = 1.0):
+    """out = x rotated by position as `layers.apply_rope` does (half-split), written into `out` (any strides);
+    sign=-1 rotates back (the transpose of the rotation: how a gradient goes through RoPE)."""
+    r2 = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :r2], x[..., r2:], out[..., :r2], out[..., r2:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)
+    return out
+
+
 class CausalAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + causal mask) v for full-sequence self-attention, spelled out: one baddbmm writes the
-    scaled, masked scores and the softmax runs in place in them. Backward recomputes the probabilities P (so only
-    q, k, v and the output are kept, as for the flash kernel: no B x H x T^2 tensor per layer between forward and
-    backward) and applies the textbook gradient, dS = P * (dP - rowsum(dO * O)) as in FlashAttention-2. For short
-    sequences on the CPU, where torch's flash kernel (with V padded to the query width) zero-fills and copies its
-    gradients (`fill_` and `copy_` in benchmarks/profile_step.py).
-    Under bf16 autocast it keeps FlashAttention-2's precisions: scores, softmax and dS in fp32, the other five
-    matmuls (P V, dP, dQ, dK, dV) on bf16 operands. The CPU has no bf16 x bf16 -> fp32 matmul, so the scores'
-    product stays fp32 (rounding the scores to bf16 doubled the error of the outputs and gradients against fp32,
-    to twice that of torch's SDPA in bf16); fp32 operands made the other five 3-5x slower on a 2-core AVX512-BF16
-    CPU, and the attention's forward + backward on the 174m layer shape went from ~16 to ~12 ms."""
+    """MLA's causal full-sequence attention (training, prefill) spelled out from the projections themselves, for
+    the CPU. Inputs: q (B, T, H, nope + rope), the query projection before RoPE; kv (B, T, H, nope + v), W^UKV's
+    up-projection of the latent (k_nope and v of every head); k_pe (B, T, rope), the shared RoPE key, rotated.
+    Output (B, T, H, v), the layout W^O reads. Per batch row, one baddbmm writes the scaled, masked scores
+    q_nope k_nope^T and one GEMM adds the decoupled term q_pe k_pe^T for all heads at once (eq. 16's two halves,
+    so neither [q_nope; q_pe] nor [k_nope; k_pe] is ever concatenated nor k_pe copied per head); the softmax runs
+    in place; every product reads its operands as strided views of q and kv and writes straight into o (and into
+    the gradients dq, dkv in the backward). On a 2-core CPU the concatenations, layout copies and the splits'
+    and transposes' backward were ~20% of the attention's time, mostly faulting in their fresh pages.
+    Backward recomputes the probabilities P (so only the inputs and the output are kept, as for the flash
+    kernel: no H x T^2 tensor per layer between forward and backward) and applies the textbook gradient,
+    dS = P * (dP - rowsum(dO * O)) as in FlashAttention-2. Under bf16 autocast it keeps FlashAttention-2's
+    precisions: scores, softmax and dS in fp32, the other five matmuls (P V, dP, dQ, dK, dV) on bf16 operands.
+    The CPU has no bf16 x bf16 -> fp32 matmul, so the scores' product stays fp32 (rounding the scores to bf16
+    doubled the error of the outputs and gradients against fp32, to twice that of torch's SDPA in bf16); fp32
+    operands made the other five 3-5x slower on a 2-core AVX512-BF16 CPU."""
 
     @staticmethod
     def _buffer(slot: int, shape, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
@@ -86,48 +102,79 @@ class CausalAttention(torch.autograd.Function):
         return workspace(CausalAttention, slot, shape, dtype, like.device)
 
     @staticmethod
-    def _probs(q, k, scale, dt):
-        """P = softmax(q k^T * scale + causal mask) as (B*H, T, T), in q's dtype (fp32 or wider) and in dt for the
-        matmuls (the same buffer when dt is q's dtype). Buffers 0 (q's dtype) and 2 (dt, bf16 only)."""
-        B, H, T, d = q.shape
-        mask = q.new_full((T, T), float("-inf")).triu_(1)  # additive: 0 on and below the diagonal
-        s = CausalAttention._buffer(0, (B * H, T, T), q.dtype, q)
-        torch.baddbmm(mask, q.reshape(B * H, T, d), k.reshape(B * H, T, d).transpose(1, 2), alpha=scale, out=s)
+    def _probs(b, q_nope, k_nope, q_pe, k_pe, scale, dt):
+        """P = softmax(scores + causal mask) of batch row b as (H, T, T) in the scores' dtype, and in dt for the
+        matmuls (the same buffer when those agree). Buffers 0 (scores) and 2 (dt, bf16 only)."""
+        _, T, H, _ = q_nope.shape
+        mask = q_nope.new_full((T, T), float("-inf")).triu_(1)  # additive: 0 on and below the diagonal
+        s = CausalAttention._buffer(0, (H, T, T), q_nope.dtype, q_nope)
+        torch.baddbmm(mask, q_nope[b].transpose(0, 1), k_nope[b].permute(1, 2, 0), alpha=scale, out=s)
+        s.view(H * T, T).addmm_(q_pe[b].view(H * T, -1), k_pe[b].t(), alpha=scale)  # every head against one k_pe
         p = torch.ops.aten._softmax.out(s, -1, False, out=s)  # in place (tests/test_mla.py)
-        return p, (p if dt == p.dtype else CausalAttention._buffer(2, p.shape, dt, q).copy_(p))
+        return p, (p if dt == p.dtype else CausalAttention._buffer(2, p.shape, dt, q_nope).copy_(p))
+
+    @staticmethod
+    def _score_operands(q, kv, k_pe, cos, sin, nope, acc):
+        """q_nope, k_nope (strided views, or copies in `acc`), q_pe rotated into a fresh (B, H, T, rope), k_pe."""
+        B, T, H, d = q.shape
+        q_pe = _rope_into(q.new_empty((B, H, T, d - nope), dtype=acc), q[..., nope:].transpose(1, 2), cos, sin)
+        return q[..., :nope].to(acc), kv[..., :nope].to(acc), q_pe, k_pe.to(acc)
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, q, k, v, scale):
-        """q, k (B, H, T, d_qk), v (B, H, T, d_v) -> (B, H, T, d_v), in the autocast dtype (else v's)."""
-        dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else v.dtype
+    def forward(ctx, q, kv, k_pe, cos, sin, scale, nope):
+        """-> o (B, T, H, v_head_dim) in the autocast dtype (else kv's); cos, sin (T, rope / 2)."""
+        dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else kv.dtype
         acc = torch.promote_types(dt, torch.float32)  # the scores' dtype: fp32 for bf16 and fp32
         with torch.autocast("cpu", enabled=False):
-            q, k, v = q.to(acc), k.to(acc), v.to(dt)
-            B, H, T, _ = q.shape
-            o = (CausalAttention._probs(q, k, scale, dt)[1] @ v.reshape(B * H, T, -1)).view(B, H, T, -1)
-        ctx.save_for_backward(q, k, v, o)
-        ctx.scale = scale
+            B, T, H, _ = q.shape
+            qn, kn, qp, kp = CausalAttention._score_operands(q, kv, k_pe, cos, sin, nope, acc)
+            v = kv[..., nope:].to(dt)
+            o = q.new_empty((B, T, H, v.shape[-1]), dtype=dt)
+            for b in range(B):
+                pd = CausalAttention._probs(b, qn, kn, qp, kp, scale, dt)[1]
+                torch.bmm(pd, v[b].transpose(0, 1), out=o[b].transpose(0, 1))
+        ctx.save_for_backward(q, kv, k_pe, cos, sin, o)
+        ctx.scale, ctx.nope = scale, nope
         return o
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     @torch.autograd.function.once_differentiable  # it works in reused buffers
     def backward(ctx, do):
-        q, k, v, o = ctx.saved_tensors
-        B, H, T, _ = q.shape
-        dt = v.dtype
+        q, kv, k_pe, cos, sin, o = ctx.saved_tensors
+        scale, nope = ctx.scale, ctx.nope
+        B, T, H, _ = q.shape
+        dt = o.dtype
         with torch.autocast("cpu", enabled=False):
+            qn, kn, qp, kp = CausalAttention._score_operands(q, kv, k_pe, cos, sin, nope, torch.promote_types(
+                dt, torch.float32))
+            acc = qn.dtype
+            q_dt, kv_dt, qp_dt, kp_dt = q.to(dt), kv.to(dt), qp.to(dt), kp.to(dt)
             do = do.to(dt)
-            p, pd = CausalAttention._probs(q, k, ctx.scale, dt)
-            p, pd = p.view(B, H, T, T), pd.view(B, H, T, T)
-            dp = torch.matmul(do, v.transpose(-1, -2), out=CausalAttention._buffer(1, p.shape, dt, q))
-            ds = dp if dp.dtype == p.dtype else CausalAttention._buffer(3, p.shape, p.dtype, q).copy_(dp)
-            ds.sub_((do.to(p.dtype) * o.to(p.dtype)).sum(-1, keepdim=True)).mul_(p)  # dS in place; scale on dq, dk
-            ds = ds if ds is dp else dp.copy_(ds)
-            dq = (ds @ k.to(dt)).mul_(ctx.scale)
-            dk = (ds.transpose(-1, -2) @ q.to(dt)).mul_(ctx.scale)
-            return dq, dk, pd.transpose(-1, -2) @ do, None
+            delta = (do.to(acc) * o.to(acc)).sum(-1)  # rowsum(dO * O): (B, T, H)
+            dq = q.new_empty(q.shape, dtype=dt)
+            dkv = kv.new_empty(kv.shape, dtype=dt)
+            dk_pe = k_pe.new_empty(k_pe.shape, dtype=dt)
+            g_pe = CausalAttention._buffer(4, (H, T, qp.shape[-1]), dt, q)
+            for b in range(B):
+                p, pd = CausalAttention._probs(b, qn, kn, qp, kp, scale, dt)
+                do_b, v_b = do[b].transpose(0, 1), kv_dt[b, :, :, nope:].transpose(0, 1)  # (H, T, ·)
+                dp = torch.bmm(do_b, v_b.transpose(1, 2), out=CausalAttention._buffer(1, p.shape, dt, q))
+                ds = dp if dp.dtype == p.dtype else CausalAttention._buffer(3, p.shape, p.dtype, q).copy_(dp)
+                ds.sub_(delta[b].t().unsqueeze(-1)).mul_(p)  # dS in place; the scale goes on dq, dk
+                ds = ds if ds is dp else dp.copy_(ds)
+                torch.bmm(pd.transpose(1, 2), do_b, out=dkv[b, :, :, nope:].transpose(0, 1))  # dV = P^T dO
+                torch.bmm(ds, kv_dt[b, :, :, :nope].transpose(0, 1), out=dq[b, :, :, :nope].transpose(0, 1))
+                torch.bmm(ds.transpose(1, 2), q_dt[b, :, :, :nope].transpose(0, 1),
+                          out=dkv[b, :, :, :nope].transpose(0, 1))
+                ds2 = ds.view(H * T, T)
+                torch.mm(ds2, kp_dt[b], out=g_pe.view(H * T, -1))  # d(rotated q_pe), rotated back below
+                _rope_into(dq[b, :, :, nope:].transpose(0, 1), g_pe, cos, sin, sign=-1.0)
+                torch.mm(ds2.t(), qp_dt[b].view(H * T, -1), out=dk_pe[b])  # summed over the heads
+            for t in (dq, dkv[..., :nope], dk_pe):
+                t.mul_(scale)
+            return dq, dkv, dk_pe, None, None, None, None
 
 
 class MLA(nn.Module):
@@ -153,19 +200,23 @@ class MLA(nn.Module):
         self.scale = 1.0 / math.sqrt(cfg.qk_head_dim)  # softmax scale over nope + rope dims
 
     def _project(self, x, cos, sin):
-        """x (B, T, dim) -> q_nope, q_pe (B, H, T, ·), and what is cached: c_kv (B, T, r), k_pe (B, T, rope)."""
+        """x (B, T, dim) -> q (B, T, H, nope + rope) before RoPE, and what is cached: c_kv (B, T, r), k_pe (B, T,
+        rope)."""
         B, T, _ = x.shape
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
-        q_nope, q_pe = q.view(B, T, self.n_heads, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)
         c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
         c_kv = self.kv_norm(c_kv)  # the latent is normalised before caching and up-projection
         k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin).squeeze(1)  # (B, T, rope), shared by all heads
-        return q_nope, q_pe, c_kv, k_pe
+        return q.view(B, T, self.n_heads, -1), c_kv, k_pe
+
+    def _heads(self, q, cos, sin):
+        """q (B, T, H, nope + rope) -> q_nope, q_pe (B, H, T, ·), q_pe rotated."""
+        q_nope, q_pe = q.transpose(1, 2).split([self.nope, self.rope], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer_id: int = 0, mask=None):
-        T = x.shape[1]
-        q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
+        B, T, _ = x.shape
+        q, c_kv, k_pe = self._project(x, cos, sin)
         if cache is not None:
             s = cache.pos
             cache.c_kv[layer_id, :, s:s + T] = c_kv
@@ -174,15 +225,22 @@ class MLA(nn.Module):
                 c_kv = cache.c_kv[layer_id, :, :s + T].to(x.dtype)
                 k_pe = cache.k_pe[layer_id, :, :s + T].to(x.dtype)
                 if cache.absorb:
-                    return self.wo(self._absorbed(q_nope, q_pe, c_kv, k_pe, mask))
-        return self.wo(self._naive(q_nope, q_pe, c_kv, k_pe, mask))
+                    return self.wo(self._absorbed(*self._heads(q, cos, sin), c_kv, k_pe, mask))
+        if (mask is None and x.device.type == "cpu" and cos.dim() == 2
+                and B * self.n_heads * T * T * 4 <= CPU_EXPLICIT_ATTN_MAX_BYTES
+                and not torch.compiler.is_compiling()):  # compiled: SDPA, which inductor lowers itself
+            kv = self.wkv_b(c_kv).view(B, T, self.n_heads, -1)
+            o = CausalAttention.apply(q, kv, k_pe, cos, sin, self.scale, self.nope)
+            return self.wo(o.view(B, T, -1))
+        return self.wo(self._naive(*self._heads(q, cos, sin), c_kv, k_pe, mask))
 
     def decode(self, x, cos, sin, c_kv, k_pe, pos, mask):
         """One new position per row with static shapes, for a compiled decoding step (DeepSeekV3.decode_step): its
         latent is written at `pos` (a 0-d tensor, so a new position is not a new graph) of this layer's cache
         c_kv (B, S, r) and k_pe (B, S, rope), and absorbed attention runs over all S slots; `mask` (B|1, 1, 1, S)
         is True for the slots it may see (those up to pos, minus padding)."""
-        q_nope, q_pe, c, kpe = self._project(x, cos, sin)
+        q, c, kpe = self._project(x, cos, sin)
+        q_nope, q_pe = self._heads(q, cos, sin)
         c_kv.index_copy_(1, pos.view(1), c.to(c_kv.dtype))
         k_pe.index_copy_(1, pos.view(1), kpe.to(k_pe.dtype))
         return self.wo(self._absorbed(q_nope, q_pe, c_kv.to(x.dtype), k_pe.to(x.dtype), mask))
@@ -195,10 +253,6 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, H, S, self.rope)], dim=-1)
-        if (mask is None and q.device.type == "cpu" and B * H * T * T * 4 <= CPU_EXPLICIT_ATTN_MAX_BYTES
-                and not torch.compiler.is_compiling()):  # compiled: SDPA, which inductor lowers itself
-            o = CausalAttention.apply(q, k, v, self.scale)
-            return o.transpose(1, 2).reshape(B, T, H * self.v_dim)
         pad = q.shape[-1] - self.v_dim
         if mask is None and pad > 0 and PAD_V_FOR_FLASH:
             # torch's flash kernels (CPU and CUDA) need v_head_dim == qk head dim: zero columns appended to V

@@ -102,34 +102,56 @@ def test_full_forward_equals_naive_and_absorbed_decode(q_lora_rank):
     assert (absorbed - naive).abs().max() <= 1e-4
 
 
+def attention_inputs(B, T, H, nope, rope, v, dtype=torch.float32, requires_grad=True):
+    """Random q (B, T, H, nope + rope) before RoPE, kv (B, T, H, nope + v), rotated k_pe (B, T, rope), cos, sin."""
+    q, kv, k_pe = (torch.randn(*s, dtype=dtype, requires_grad=requires_grad)
+                   for s in ((B, T, H, nope + rope), (B, T, H, nope + v), (B, T, rope)))
+    angle = torch.randn(T, rope // 2, dtype=dtype)
+    return q, kv, k_pe, angle.cos(), angle.sin()
+
+
+def sdpa_attention(q, kv, k_pe, cos, sin, scale, nope, cast=None):
+    """CausalAttention's result the long way: rotate q_pe, concatenate [q_nope; q_pe] and [k_nope; k_pe] per
+    head (eq. 16), torch's SDPA, back to (B, T, H, v); `cast` rounds SDPA's inputs (bf16 reference)."""
+    B, T, H, _ = q.shape
+    q_nope, q_pe = q.transpose(1, 2).split([nope, q.shape[-1] - nope], dim=-1)
+    k_nope, v = kv.transpose(1, 2).split([nope, kv.shape[-1] - nope], dim=-1)
+    qh = torch.cat([q_nope, apply_rope(q_pe, cos, sin)], dim=-1)
+    kh = torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, H, T, -1)], dim=-1)
+    ins = [t.to(cast) for t in (qh, kh, v)] if cast else (qh, kh, v)
+    return F.scaled_dot_product_attention(*ins, is_causal=True, scale=scale).transpose(1, 2)
+
+
 def test_causal_attention_equals_sdpa_with_gradients():
     from dsv3.mla import CausalAttention
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 7, d, dtype=torch.float64, requires_grad=True) for d in (9, 9, 6))
-    assert torch.autograd.gradcheck(lambda *a: CausalAttention.apply(*a, 0.3), (q, k, v))  # its own backward
-    q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = CausalAttention.apply(q, k, v, 0.3)  # its softmax runs in place in the scores' buffer
-    expect = F.scaled_dot_product_attention(*ref, is_causal=True, scale=0.3)
+    q, kv, k_pe, cos, sin = attention_inputs(2, 7, 3, 5, 4, 6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: CausalAttention.apply(*a, cos, sin, 0.3, 5), (q, kv, k_pe))
+    q, kv, k_pe = (t.detach().float().requires_grad_() for t in (q, kv, k_pe))
+    cos, sin = cos.float(), sin.float()
+    ref = [t.detach().clone().requires_grad_() for t in (q, kv, k_pe)]
+    out = CausalAttention.apply(q, kv, k_pe, cos, sin, 0.3, 5)  # its softmax runs in place in the scores' buffer
+    expect = sdpa_attention(*ref, cos, sin, 0.3, 5)
     g = torch.randn_like(out)
     out.backward(g)
     expect.backward(g)
     assert (out - expect).abs().max() <= 1e-6
-    for a, b in zip((q, k, v), ref, strict=True):
+    for a, b in zip((q, kv, k_pe), ref, strict=True):
         assert (a.grad - b.grad).abs().max() <= 1e-6
-    # its score buffers are reused across calls: two graphs of other lengths in between, run back to front
-    for a in (q, k, v):
+    # its buffers are reused across calls: two graphs of other lengths and batch sizes in between, run back to front
+    for a in (q, kv, k_pe):
         a.grad = None
-    others = [[torch.randn(2, 3, t, d, requires_grad=True) for d in (9, 9, 6)] for t in (5, 11)]
-    first = CausalAttention.apply(q, k, v, 0.3)
-    outs = [CausalAttention.apply(*o, 0.3) for o in others]
+    others = [attention_inputs(b, t, 3, 5, 4, 6) for b, t in ((1, 5), (3, 11))]
+    first = CausalAttention.apply(q, kv, k_pe, cos, sin, 0.3, 5)
+    outs = [CausalAttention.apply(*o, 0.3, 5) for o in others]
     for o, ins in zip(reversed(outs), reversed(others), strict=True):
         o.sum().backward()
-        ref_o = F.scaled_dot_product_attention(*ins, is_causal=True, scale=0.3)
-        assert torch.allclose(ins[0].grad, torch.autograd.grad(ref_o.sum(), ins[0])[0], atol=1e-6)
+        ref_o = sdpa_attention(*ins, 0.3, 5)
+        for t, expect_grad in zip(ins[:3], torch.autograd.grad(ref_o.sum(), ins[:3]), strict=True):
+            assert torch.allclose(t.grad, expect_grad, atol=1e-6)
     first.backward(g)
-    for a, b in zip((q, k, v), ref, strict=True):
+    for a, b in zip((q, kv, k_pe), ref, strict=True):
         assert (a.grad - b.grad).abs().max() <= 1e-6
 
 
@@ -139,20 +161,19 @@ def test_causal_attention_bf16_autocast_is_as_precise_as_torch_sdpa_in_bf16():
     from dsv3.mla import CausalAttention
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 64, d) for d in (48, 48, 32))
-    g = torch.randn(2, 3, 64, 32)
+    q, kv, k_pe, cos, sin = attention_inputs(2, 64, 3, 32, 16, 32, requires_grad=False)
+    g = torch.randn(2, 64, 3, 32)
 
     def run(fn):
-        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        ins = [t.clone().requires_grad_() for t in (q, kv, k_pe)]
         out = fn(*ins)
         out.float().backward(g)
         return out, [t.grad for t in ins]
 
-    ref, ref_g = run(lambda *a: F.scaled_dot_product_attention(*a, is_causal=True, scale=0.3))
-    torch16, torch16_g = run(lambda *a: F.scaled_dot_product_attention(*(t.bfloat16() for t in a), is_causal=True,
-                                                                       scale=0.3))
+    ref, ref_g = run(lambda *a: sdpa_attention(*a, cos, sin, 0.3, 32))
+    torch16, torch16_g = run(lambda *a: sdpa_attention(*a, cos, sin, 0.3, 32, cast=torch.bfloat16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours, ours_g = run(lambda *a: CausalAttention.apply(*a, 0.3))
+        ours, ours_g = run(lambda *a: CausalAttention.apply(*a, cos, sin, 0.3, 32))
     assert ours.dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in ours_g)
     # (scores rounded to bf16 gave 1.5-1.8x torch's errors here; fp32 scores 0.8-1.2x)
     for a, b, r in zip([ours, *ours_g], [torch16, *torch16_g], [ref, *ref_g], strict=True):
