@@ -171,7 +171,8 @@ class KeptGradSwiGLU(torch.autograd.Function):
         da3 = dhg * s1
         da1 = torch.ops.aten.silu_backward(dhg * a3, a1)  # silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a)))
         dg = (dh * (s1 * a3)).sum(-1, keepdim=True)
-        dxs = F.grouped_mm(da1, w1.transpose(1, 2), offs=offs) + F.grouped_mm(da3, w3.transpose(1, 2), offs=offs)
+        dxs = F.grouped_mm(da1, w1.transpose(1, 2), offs=offs)
+        dxs.add_(F.grouped_mm(da3, w3.transpose(1, 2), offs=offs))  # in place: no third fresh (rows, dim) tensor
         h = s1 * a3 * g
         bounds = [0] + offs.tolist()
         grads = []
