@@ -146,3 +146,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
+
+
+def rope_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False):
+    """`apply_rope`'s rotation written into `out` (any strides, e.g. a view of a gradient), in out's dtype, for
+    the CPU attention kernel (no temporaries); inverse=True rotates back, the transpose: a gradient through RoPE."""
+    sign = -1.0 if inverse else 1.0
+    r2 = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :r2], x[..., r2:], out[..., :r2], out[..., r2:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)
+    return out

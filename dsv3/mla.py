@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Linear, RMSNorm, apply_rope, workspace
+from .layers import Linear, RMSNorm, apply_rope, rope_into, workspace
 
 PAD_V_FOR_FLASH = True  # causal full-sequence attention (training, prefill) takes SDPA's flash path
 # causal full-sequence attention on the CPU takes CausalAttention while one layer's fp32 scores would fit in this
 # many bytes (B x n_heads x T^2 x 4: 4.7 MB for the 174m at 2 x 256; it holds one batch row's at a time in a
-# reused buffer); longer sequences take the flash path, whose tiles stay in cache
+# reused buffer); longer: the flash path
 CPU_EXPLICIT_ATTN_MAX_BYTES = 64 << 20
 
 
@@ -64,16 +64,6 @@ class KVCache:
     def bytes_per_token(self) -> int:
         """Bytes one cached token occupies, summed over layers (measured from the tensors)."""
         return sum(t.numel() * t.element_size() for t in self.tensors) // (self.batch * self.max_len)
-
-
-def _rope_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float = 1.0):
-    """out = x rotated by position as `layers.apply_rope` does (half-split), written into `out` (any strides);
-    sign=-1 rotates back (the transpose of the rotation: how a gradient goes through RoPE)."""
-    r2 = x.shape[-1] // 2
-    x1, x2, o1, o2 = x[..., :r2], x[..., r2:], out[..., :r2], out[..., r2:]
-    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
-    torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)
-    return out
 
 
 class CausalAttention(torch.autograd.Function):
@@ -117,7 +107,7 @@ class CausalAttention(torch.autograd.Function):
     def _score_operands(q, kv, k_pe, cos, sin, nope, acc):
         """q_nope, k_nope (strided views, or copies in `acc`), q_pe rotated into a fresh (B, H, T, rope), k_pe."""
         B, T, H, d = q.shape
-        q_pe = _rope_into(q.new_empty((B, H, T, d - nope), dtype=acc), q[..., nope:].transpose(1, 2), cos, sin)
+        q_pe = rope_into(q.new_empty((B, H, T, d - nope), dtype=acc), q[..., nope:].transpose(1, 2), cos, sin)
         return q[..., :nope].to(acc), kv[..., :nope].to(acc), q_pe, k_pe.to(acc)
 
     @staticmethod
@@ -146,10 +136,9 @@ class CausalAttention(torch.autograd.Function):
         scale, nope = ctx.scale, ctx.nope
         B, T, H, _ = q.shape
         dt = o.dtype
+        acc = torch.promote_types(dt, torch.float32)
         with torch.autocast("cpu", enabled=False):
-            qn, kn, qp, kp = CausalAttention._score_operands(q, kv, k_pe, cos, sin, nope, torch.promote_types(
-                dt, torch.float32))
-            acc = qn.dtype
+            qn, kn, qp, kp = CausalAttention._score_operands(q, kv, k_pe, cos, sin, nope, acc)
             q_dt, kv_dt, qp_dt, kp_dt = q.to(dt), kv.to(dt), qp.to(dt), kp.to(dt)
             do = do.to(dt)
             delta = (do.to(acc) * o.to(acc)).sum(-1)  # rowsum(dO * O): (B, T, H)
@@ -170,7 +159,7 @@ class CausalAttention(torch.autograd.Function):
                           out=dkv[b, :, :, :nope].transpose(0, 1))
                 ds2 = ds.view(H * T, T)
                 torch.mm(ds2, kp_dt[b], out=g_pe.view(H * T, -1))  # d(rotated q_pe), rotated back below
-                _rope_into(dq[b, :, :, nope:].transpose(0, 1), g_pe, cos, sin, sign=-1.0)
+                rope_into(dq[b, :, :, nope:].transpose(0, 1), g_pe, cos, sin, inverse=True)
                 torch.mm(ds2.t(), qp_dt[b].view(H * T, -1), out=dk_pe[b])  # summed over the heads
             for t in (dq, dkv[..., :nope], dk_pe):
                 t.mul_(scale)
@@ -226,7 +215,7 @@ class MLA(nn.Module):
                 k_pe = cache.k_pe[layer_id, :, :s + T].to(x.dtype)
                 if cache.absorb:
                     return self.wo(self._absorbed(*self._heads(q, cos, sin), c_kv, k_pe, mask))
-        if (mask is None and x.device.type == "cpu" and cos.dim() == 2
+        if (mask is None and x.device.type == "cpu" and cos.dim() == 2  # one position table for every row
                 and B * self.n_heads * T * T * 4 <= CPU_EXPLICIT_ATTN_MAX_BYTES
                 and not torch.compiler.is_compiling()):  # compiled: SDPA, which inductor lowers itself
             kv = self.wkv_b(c_kv).view(B, T, self.n_heads, -1)
