@@ -7,6 +7,7 @@ Public API
   export:     export_hf (Hugging Face transformers format)
 """
 
+from . import _openmp  # noqa: F401,I001  first: sets OMP_WAIT_POLICY before torch loads OpenMP (see _openmp.py)
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PRESETS, ModelConfig
 from .export_hf import export_hf
