@@ -4,8 +4,11 @@
                       state.pt            optimizer state and torch RNG state (tensors only)
                       meta.json           format tag, step, model config, tokenizer, train config,
                                           sampler state, python RNG state, metrics so far
-A checkpoint is built in a hidden temporary folder and renamed into place, so a kill at any moment
-leaves either the complete folder or none; `save_checkpoint` keeps the newest `keep` of them.
+    <run>/best/                           the same three files, for the step with the lowest validation loss
+A checkpoint is built in a hidden temporary folder (.tmp-*) and renamed into place; one is removed by
+renaming it out of the step_* namespace first (.trash-*), then deleting it. So a kill at any moment leaves
+every step_* / best folder either complete or absent, and `list_checkpoints` returns complete ones only;
+hidden leftovers are cleaned up at the next save. `save_checkpoint` keeps the newest `keep` step folders.
 Loading never unpickles code: safetensors for weights, `torch.load(weights_only=True)` for the rest.
 Does not know how training works; it stores what the trainer hands it.
 """
@@ -18,6 +21,7 @@ import random
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -29,6 +33,9 @@ from .model import DeepSeekV3
 
 FORMAT = "dsv3-checkpoint/1"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+BEST = "best"  # the best checkpoint's folder name inside a run folder
+FILES = ("meta.json", "model.safetensors", "state.pt")  # what every complete checkpoint folder holds
+_LEFTOVER = (".tmp-", ".old-", ".trash-")  # hidden folders a kill mid-save or mid-delete can leave behind
 
 
 def _fsync_dir(path: Path) -> None:
@@ -44,13 +51,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def is_complete(path: str | os.PathLike) -> bool:
+    """Whether `path` is a checkpoint folder holding all of its files."""
+    path = Path(path)
+    return path.is_dir() and all((path / f).is_file() for f in FILES)
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first."""
+    """Complete step_* checkpoint folders of a run, oldest first (best/ and partial folders are not listed)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and is_complete(p)]
     return [p for _, p in sorted(found)]
+
+
+def best_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """<run_dir>/best if it is a complete checkpoint, else None."""
+    path = Path(run_dir) / BEST
+    return path if is_complete(path) else None
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -58,16 +77,55 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / f"step_{step:06d}"
 
 
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Delete a checkpoint folder: renamed out of its namespace first, so a kill mid-delete leaves no partial one."""
+    path = Path(path)
+    trash = path.with_name(f".trash-{path.name.lstrip('.')}-{uuid.uuid4().hex[:8]}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_all(run_dir: str | os.PathLike) -> None:
+    """Delete every checkpoint of a run folder (step_*, best/ and leftovers); metrics.jsonl stays."""
+    run_dir = Path(run_dir)
+    for p in [*list_checkpoints(run_dir), *([run_dir / BEST] if (run_dir / BEST).is_dir() else [])]:
+        remove_checkpoint(p)
+    clean_leftovers(run_dir)
+
+
+def clean_leftovers(run_dir: str | os.PathLike) -> None:
+    """Finish what a killed save or delete left: drop .tmp-*/.trash-* folders and partial step_*/best folders;
+    a complete .old-<name> whose <name> is missing (a kill between the two renames of a re-save) goes back."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for p in sorted(run_dir.iterdir()):
+        if not p.is_dir():
+            continue
+        if p.name.startswith(".old-"):
+            target = run_dir / p.name[len(".old-"):]
+            if is_complete(p) and not target.exists():
+                os.rename(p, target)
+                continue
+            remove_checkpoint(p)
+        elif p.name.startswith(_LEFTOVER):
+            shutil.rmtree(p, ignore_errors=True)
+        elif (_STEP_DIR.match(p.name) or p.name == BEST) and not is_complete(p):
+            remove_checkpoint(p)
+
+
 def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekV3, *, step: int, optimizer=None,
-                    meta: dict | None = None, keep: int = 3) -> Path:
+                    meta: dict | None = None, keep: int = 3, best: bool = False) -> Path:
     """Write <run_dir>/step_<step> atomically and delete all but the newest `keep` checkpoints.
 
+    best=True writes <run_dir>/best instead (replacing the previous best; step folders are left alone).
     `meta` (JSON-serialisable: train config, sampler state, metrics) is stored in meta.json; the
-    torch and python RNG states are captured here.
+    torch and python RNG states are captured here. Leftovers of an earlier kill are cleaned up first.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_dir(run_dir, step)
+    clean_leftovers(run_dir)
+    final = run_dir / BEST if best else checkpoint_dir(run_dir, step)
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".tmp-{final.name}-"))
     try:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # drops the tied duplicate
@@ -81,20 +139,43 @@ def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekV3, *, step: int,
         for f in tmp.iterdir():  # data on disk before the rename makes it visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():  # re-saving a step (e.g. Ctrl-C right after a periodic save): swap it out
+        if final.exists():  # re-saving (best, or a step again): swap it out; clean_leftovers undoes a half swap
             old = run_dir / f".old-{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)
             os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            _fsync_dir(run_dir)
+            remove_checkpoint(old)
         else:
             os.rename(tmp, final)
         _fsync_dir(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 and not best else []:
+        remove_checkpoint(old)
+    return final
+
+
+def copy_checkpoint(src: str | os.PathLike, run_dir: str | os.PathLike, *, best: bool = False) -> Path:
+    """Copy a complete checkpoint folder into a run folder (as best/, or as its step_* folder), atomically."""
+    src, run_dir = Path(src), Path(run_dir)
+    if not is_complete(src):
+        raise FileNotFoundError(f"{src} is not a complete checkpoint (needs {', '.join(FILES)})")
+    final = run_dir / BEST if best else checkpoint_dir(run_dir, read_meta(src)["step"])
+    if final.exists():
+        raise FileExistsError(f"{final} already exists")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".tmp-{final.name}-"))
+    try:
+        for f in FILES:
+            shutil.copyfile(src / f, tmp / f)
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.rename(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
@@ -108,21 +189,29 @@ def _python_rng_from_json(state) -> tuple:
     return (version, tuple(internal), gauss)
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder from a checkpoint folder, a file inside one, or a run folder (its newest)."""
+def resolve_checkpoint(path: str | os.PathLike, best: bool = False) -> Path:
+    """A checkpoint folder from a checkpoint folder, a file inside one, or a run folder (its newest).
+
+    best=True: the run's best/ folder (`path` is the run folder, or any checkpoint inside it)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_file():
-        if path.name in ("meta.json", "model.safetensors", "state.pt"):
+        if path.name in FILES:
             path = path.parent
         else:
             raise ValueError(f"{path} is not a dsv3 checkpoint (expected a run folder or a step_* folder)")
+    if best:
+        run = path.parent if (path / "meta.json").exists() else path
+        found = best_checkpoint(run)
+        if found is None:
+            raise FileNotFoundError(f"no best checkpoint in {run} (best/ is written at the run's first validation)")
+        return found
     if (path / "meta.json").exists():
         return path
     found = list_checkpoints(path)
     if not found:
-        raise FileNotFoundError(f"no checkpoint (step_* folder with meta.json) in {path}")
+        raise FileNotFoundError(f"no checkpoint (complete step_* folder) in {path}")
     return found[-1]
 
 
@@ -174,9 +263,11 @@ def load_state(ckpt: str | os.PathLike) -> dict:
     return {**meta, **state, "path": str(ckpt)}
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location="cpu", with_state: bool = False):
-    """A ready model (eval mode) from a checkpoint or run folder; with_state also returns the training state."""
-    ckpt = resolve_checkpoint(path)
+def load_checkpoint(path: str | os.PathLike, *, map_location="cpu", with_state: bool = False, best: bool = False):
+    """A ready model (eval mode) from a checkpoint or run folder; with_state also returns the training state.
+
+    A run folder gives its newest checkpoint, or with best=True its best/ (lowest validation loss)."""
+    ckpt = resolve_checkpoint(path, best=best)
     meta = read_meta(ckpt)
     try:
         cfg = ModelConfig.from_dict(meta["config"])

@@ -2,14 +2,32 @@
 
 Holds `ModelConfig` (every architectural number, with a comment each) and `PRESETS`.
 `ModelConfig.preset(name, **overrides)` is the one way to get a config; invalid values raise a
-`ValueError` naming the field and its allowed range. Nothing here imports torch.
+`ValueError` (`SettingError`) naming the field and its allowed range. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, fields
+
+
+class SettingError(ValueError):
+    """A bad setting. The message names the field (`steps must be ...`); `named(flag)` renames the fields, e.g.
+    to the command-line flags that set them (`--steps must be ...`)."""
+
+    def __init__(self, msg: str, names: tuple[str, ...] = ()):
+        super().__init__(msg)
+        self.names = names or (msg.split()[0],)  # the fields the message is about (default: its first word)
+
+    def named(self, flag) -> str:
+        """The message with each field name replaced by flag(name) (names flag() maps to None stay)."""
+        msg = str(self)
+        for name in self.names:
+            if flag(name):
+                msg = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flag(name), msg)
+        return msg
 
 
 @dataclass(frozen=True)
@@ -56,7 +74,7 @@ class ModelConfig:
     def __post_init__(self):
         def need(ok, msg):
             if not ok:
-                raise ValueError(f"ModelConfig: {msg}")
+                raise SettingError(msg)
 
         for f in fields(self):
             v = getattr(self, f.name)
@@ -154,7 +172,7 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(
-                f"unknown ModelConfig field(s): {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+                f"unknown model config field(s): {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
         return cls(**d)
 
     def replace(self, **overrides) -> ModelConfig:

@@ -7,7 +7,9 @@ model config), clip the gradient norm, AdamW with weight-decay groups (no decay 
 aux-loss-free router bias update.
 The learning rate is a function of the global step (linear warmup, cosine to min_lr at decay_steps,
 then flat), so phase 2 continues exactly where phase 1 left it. Every step appends a JSON line to
-<out>/metrics.jsonl; validation runs every eval_interval steps on the held-out split.
+<out>/metrics.jsonl; validation runs every eval_interval steps on the held-out split, and whenever its loss is
+the lowest so far the model is also saved as <out>/best (optionally, training stops after `early_stop`
+validations without a new best).
 A checkpoint holds everything the next step depends on (weights, router biases, optimizer, RNG,
 sampler position, schedule), so N steps + resume M steps == N + M steps, bitwise on CPU in fp32.
 Non-finite loss stops with an error naming the step (the last checkpoint is left as it was);
@@ -26,7 +28,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -37,8 +38,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import checkpoint_dir, list_checkpoints, load_state, load_weights, resolve_checkpoint, save_checkpoint
-from .config import PRESETS, ModelConfig
+from .checkpoint import (
+    best_checkpoint,
+    checkpoint_dir,
+    copy_checkpoint,
+    list_checkpoints,
+    load_state,
+    load_weights,
+    read_meta,
+    remove_all,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .config import PRESETS, ModelConfig, SettingError
 from .data import TOKENIZER_NAME, BatchSampler, load_tokens, split_tokens, val_batches
 from .distributed import DataParallel, world_size_from_env
 from .model import DeepSeekV3
@@ -75,7 +87,8 @@ class TrainConfig:
     eval_interval: int | None = None  # validate every this many steps (and at the end)
     eval_batches: int | None = None  # validation batches (of max(batch_size, 16) rows) per evaluation; None = all
     save_interval: int | None = None  # save every this many steps (and at the end); None/0 = end only
-    keep: int = 3  # checkpoints kept in the run folder
+    keep: int = 3  # checkpoints kept in the run folder (besides best/, the lowest validation loss)
+    early_stop: int = 0  # stop after this many validations without a new best (0 = never)
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
     compile: bool = False  # torch.compile the model for training
     threads: int | None = None  # CPU threads for this run (None = torch's default); 1 wins on a busy machine
@@ -90,26 +103,28 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+            raise SettingError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}", ("preset",))
         for k, v in TRAIN_PRESETS.get(self.preset, TRAIN_PRESETS["174m"]).items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
 
-        def need(ok, msg):
+        def need(ok, msg, *names):
             if not ok:
-                raise ValueError(f"TrainConfig: {msg}")
+                raise SettingError(msg, names)
 
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_interval", "keep"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
         need(self.batch_size % self.grad_accum == 0,
-             f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+             f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})",
+             "batch_size", "grad_accum")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
         need(self.decay_steps is None or self.decay_steps >= 1, f"decay_steps must be >= 1, got {self.decay_steps}")
-        need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
-        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0",
+             "weight_decay", "grad_clip")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)", "beta1", "beta2")
         need(self.eval_batches is None or self.eval_batches >= 1,
              f"eval_batches must be >= 1 or None, got {self.eval_batches}")
         need(self.save_interval is None or self.save_interval >= 0,
@@ -118,11 +133,13 @@ class TrainConfig:
         need(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         need(self.time_limit is None or self.time_limit > 0, f"time_limit must be > 0 seconds, got {self.time_limit}")
         need(self.threads is None or self.threads >= 1, f"threads must be >= 1 or None, got {self.threads}")
+        need(isinstance(self.early_stop, int) and self.early_stop >= 0,
+             f"early_stop must be an int >= 0 (0 = off), got {self.early_stop!r}")
 
     def model_config(self) -> ModelConfig:
         cfg = ModelConfig.preset(self.preset, **self.model_overrides)
         if self.seq_len > cfg.max_seq_len:
-            raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+            raise SettingError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
         return cfg
 
     def lr_at(self, step: int) -> float:
@@ -149,7 +166,17 @@ class History:
     run_dir: str | None = None
     checkpoint: str | None = None  # the last checkpoint saved
     interrupted: bool = False  # stopped by Ctrl-C (a checkpoint was saved)
+    stopped_early: bool = False  # stopped by early_stop (validation stopped improving)
+    best: dict | None = None  # step, val_loss of the lowest validation loss so far (saved as <run>/best)
     model: DeepSeekV3 | None = field(default=None, repr=False, compare=False)  # the trained model (eval mode)
+
+    @property
+    def best_step(self) -> int | None:
+        return self.best["step"] if self.best else None
+
+    @property
+    def best_val_loss(self) -> float | None:
+        return self.best["val_loss"] if self.best else None
 
     def column(self, key: str, kind: str = "train") -> list:
         return [r[key] for r in getattr(self, kind)]
@@ -164,11 +191,11 @@ class History:
         return (load.max(-1) / load.mean(-1)).tolist()
 
     def to_dict(self) -> dict:
-        return {"train": self.train, "val": self.val}
+        return {"train": self.train, "val": self.val, "best": self.best}
 
     @classmethod
     def from_dict(cls, d: dict, **kw) -> History:
-        return cls(train=list(d.get("train", [])), val=list(d.get("val", [])), **kw)
+        return cls(train=list(d.get("train", [])), val=list(d.get("val", [])), best=d.get("best"), **kw)
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike) -> History:
@@ -178,6 +205,9 @@ class History:
             if line.strip():
                 r = json.loads(line)
                 (h.val if r.pop("kind", "train") == "val" else h.train).append(r)
+        if h.val:
+            best = min(h.val, key=lambda r: r["val_loss"])  # the first of equal losses, as training keeps it
+            h.best = {"step": best["step"], "val_loss": best["val_loss"]}
         return h
 
 
@@ -205,7 +235,7 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     if dtype == "bf16":
         if device.type == "cpu" and not cpu_has_native_bf16():
-            raise ValueError("dtype 'bf16' on this CPU: no native bf16 matmul (AMX / AVX512-BF16); use fp32")
+            raise SettingError("dtype 'bf16' on this CPU: no native bf16 matmul (AMX / AVX512-BF16); use fp32")
         return torch.bfloat16
     return None
 
@@ -275,8 +305,8 @@ def _resolve_config(config: TrainConfig | None, resume, overrides: dict) -> tupl
     saved = dict(state["train_config"])
     for k in _FIXED_ON_RESUME:
         if k in overrides and overrides[k] != saved.get(k):
-            raise ValueError(f"{k} cannot change on resume (checkpoint: {saved.get(k)!r}, given: {overrides[k]!r}); "
-                             "the run, its LR schedule and its data order continue from the checkpoint")
+            raise SettingError(f"{k} cannot change on resume (checkpoint: {saved.get(k)!r}, given: {overrides[k]!r}); "
+                             "the run, its LR schedule and its data order continue from the checkpoint", (k,))
     saved.update(steps=PHASE2_STEPS, out=str(ckpt.parent), time_limit=None, overwrite=False)
     saved.update(overrides)
     return TrainConfig(**saved), state
@@ -303,8 +333,8 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
         torch.set_num_threads(cfg.threads)
     world = world_size_from_env()
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of world_size x grad_accum "
-                         f"({world} x {cfg.grad_accum})")
+        raise SettingError(f"batch_size ({cfg.batch_size}) must be a multiple of world_size x grad_accum "
+                           f"({world} x {cfg.grad_accum})", ("batch_size", "grad_accum"))
     dp = DataParallel.setup(resolve_device(cfg.device))  # None unless launched by torchrun with WORLD_SIZE > 1
     try:
         return _train(cfg, state, t_start, dp)
@@ -324,12 +354,17 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
     if state is None:
         if cfg.decay_steps is None:
             cfg.decay_steps = cfg.steps  # fix the schedule's horizon now, so a resume continues it
-        if list_checkpoints(out):
+        if list_checkpoints(out) or best_checkpoint(out):
             if not cfg.overwrite:
                 raise ValueError(f"run folder {out} already holds checkpoints; resume from it, choose another "
                                  "out folder, or pass overwrite=True (--overwrite) to start over")
-            for p in list_checkpoints(out) if main else []:
-                shutil.rmtree(p)
+            if main:
+                remove_all(out)
+    else:
+        newer = [p.name for p in list_checkpoints(out) if int(p.name[5:]) > state["step"]]
+        if newer:  # continuing from an older checkpoint would overwrite (and prune) the run's later ones
+            raise ValueError(f"run folder {out} holds checkpoints newer than step {state['step']} "
+                             f"({', '.join(newer)}); continue into another folder: out=... (--out)")
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
@@ -349,6 +384,11 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
         random.setstate(state["python_rng"])
         history = History.from_dict(state["history"], run_dir=str(out), checkpoint=state["path"])
         step = state["step"]
+        src = Path(state["path"]).parent
+        if main and src.resolve() != out.resolve() and history.best and best_checkpoint(out) is None:
+            found = best_checkpoint(src)  # a run continued in a new folder brings its best so far along
+            if found is not None and read_meta(found)["step"] == history.best["step"]:
+                copy_checkpoint(found, out, best=True)
     model.train()
     ddp = None if dp is None else dp.wrap(model)  # averages gradients over ranks
     fwd = model if ddp is None else ddp
@@ -361,16 +401,31 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
     end = step + cfg.steps
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    def save() -> None:
+    from tqdm.auto import tqdm
+
+    desc = f"train {cfg.preset}"
+    bar = tqdm(total=end, initial=step, disable=not (cfg.progress and main), desc=desc, unit="step")
+
+    def status(what: str | None) -> None:  # "validating" / "saving" beside the step count while it happens
+        bar.set_description(f"{desc} ({what})" if what else desc)
+
+    def save(best: bool = False) -> None:
+        status("saving")
         meta = {"tokenizer": TOKENIZER_NAME, "train_config": cfg.to_dict(), "sampler": sampler.state_dict(),
                 "history": history.to_dict()}
         if main:
-            save_checkpoint(out, model, step=step, optimizer=optimizer, meta=meta, keep=cfg.keep)
-        history.checkpoint = str(checkpoint_dir(out, step))
+            save_checkpoint(out, model, step=step, optimizer=optimizer, meta=meta, keep=cfg.keep, best=best)
+        if not best:
+            history.checkpoint = str(checkpoint_dir(out, step))
         if dp is not None:
             dp.barrier()  # the checkpoint is complete before any rank moves on
+        status(None)
 
-    def validate() -> None:
+    def validate() -> bool:
+        """Validate at this step (once), keep a new best; True when early stopping says stop."""
+        if history.val and history.val[-1]["step"] == step:
+            return False
+        status("validating")
         rows = max(cfg.batch_size, 16)  # no gradients to hold: at least 16 rows per forward
         val_loss, load = evaluate(model, val_tok, rows, cfg.seq_len, cfg.eval_batches, amp)
         rec = {"step": step, "val_loss": val_loss, "expert_load": load}
@@ -378,10 +433,12 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
         if main:
             with metrics.open("a") as f:
                 f.write(json.dumps(rec | {"kind": "val"}) + "\n")
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=end, initial=step, disable=not (cfg.progress and main), desc=f"train {cfg.preset}", unit="step")
+        status(None)
+        if history.best is None or val_loss < history.best["val_loss"]:
+            history.best = {"step": step, "val_loss": val_loss}
+            save(best=True)
+        since = sum(r["step"] > history.best["step"] for r in history.val)  # validations without a new best
+        return cfg.early_stop > 0 and since >= cfg.early_stop
     log_file = metrics if main else os.devnull
     with _DeferInterrupt(escalate=dp is None) as interrupt, bar, open(log_file, "a") as log:
         while step < end:
@@ -430,17 +487,19 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
             history.train.append(rec)
             log.write(json.dumps(rec | {"kind": "train"}) + "\n")
             log.flush()
-            if step % cfg.eval_interval == 0 and step != end:
-                validate()  # (the last step's validation runs after the loop)
-            if cfg.save_interval and step % cfg.save_interval == 0 and step != end:
-                save()
             bar.update(1)
             post = {"loss": f"{loss:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
             if history.val:
                 post["val"] = f"{history.val[-1]['val_loss']:.3f}"
             bar.set_postfix(post, refresh=False)
+            if step % cfg.eval_interval == 0 or step == end:
+                history.stopped_early = validate()
+            if step == end or history.stopped_early:
+                break  # (the final save follows the loop)
+            if cfg.save_interval and step % cfg.save_interval == 0:
+                save()
         history.interrupted = interrupt.requested
-        validate()
+        validate()  # (no-op if this step was validated in the loop)
         if history.checkpoint is None or Path(history.checkpoint).name != checkpoint_dir(out, step).name:
             save()
     model.eval()
@@ -450,32 +509,45 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
 
 # --- command line (`python -m dsv3 train`; registered in __main__.py) ---
 def add_cli_args(p) -> None:
-    """The `train` subcommand's flags; unset flags keep the preset's (or the checkpoint's) values."""
-    p.add_argument("--preset", choices=list(PRESETS), help="model preset (default tiny); ignored with --resume")
-    p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint or run folder (phase 2)")
-    p.add_argument("--steps", type=int, help="optimizer steps (with --resume: additional steps, default 500)")
-    p.add_argument("--out", help="run folder for checkpoints and metrics.jsonl (default checkpoints/<preset>)")
+    """The `train` subcommand's flags; unset flags keep the preset's (or, with --resume, the checkpoint's) values."""
+    d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+    def per_preset(name: str) -> str:  # "(default: tiny 480, 174m 5000)"
+        return "default: " + ", ".join(f"{k} {v[name]}" for k, v in TRAIN_PRESETS.items())
+
+    p.add_argument("--preset", choices=list(PRESETS), help="model preset; ignored with --resume (default: tiny)")
+    p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint or run folder (phase 2; its best "
+                   "with RUN/best) (default: start a new run)")
+    p.add_argument("--steps", type=int, help=f"optimizer steps ({per_preset('steps')}; with --resume: additional "
+                   f"steps, default {PHASE2_STEPS})")
+    p.add_argument("--out", help="run folder for checkpoints and metrics.jsonl (default: checkpoints/<preset>, "
+                   "with --resume the resumed run's folder)")
     p.add_argument("--overwrite", action="store_true", default=None, help="delete checkpoints already in --out")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--warmup", type=int, help="linear warmup steps")
-    p.add_argument("--batch-size", type=int, help="sequences per optimizer step")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    p.add_argument("--eval-interval", type=int, help="validate every N steps")
-    p.add_argument("--eval-batches", type=int, help="validation batches per evaluation")
-    p.add_argument("--save-interval", type=int, help="save every N steps (0 = only at the end)")
-    p.add_argument("--keep", type=int, help="checkpoints to keep")
+    p.add_argument("--lr", type=float, help=f"peak learning rate ({per_preset('lr')})")
+    p.add_argument("--warmup", type=int, help=f"linear warmup steps ({per_preset('warmup')})")
+    p.add_argument("--batch-size", type=int, help=f"sequences per optimizer step ({per_preset('batch_size')})")
+    p.add_argument("--seq-len", type=int, help=f"tokens per sequence ({per_preset('seq_len')})")
+    p.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step (default: {d['grad_accum']})")
+    p.add_argument("--eval-interval", type=int, help=f"validate every N steps ({per_preset('eval_interval')})")
+    p.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default: all)")
+    p.add_argument("--early-stop", type=int, metavar="N", help="stop after N validations without a new best "
+                   "validation loss (default: 0 = never)")
+    p.add_argument("--save-interval", type=int, help=f"save every N steps, 0 = only at the end "
+                   f"({per_preset('save_interval')})")
+    p.add_argument("--keep", type=int, help=f"step checkpoints to keep, besides best/ (default: {d['keep']})")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"],
-                   help="autocast dtype (bf16 on CPU needs AMX/AVX512-BF16)")
+                   help="autocast dtype; bf16 on CPU needs AMX/AVX512-BF16 (default: auto = bf16 on CUDA, else fp32)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--seed", type=int, help="seed for init and data order")
-    p.add_argument("--corpus", help="UTF-8 text file (default $DSV3_CORPUS, else Tiny Shakespeare)")
-    p.add_argument("--device", help="auto, cpu, cuda, ...")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's; 1 is faster on a busy machine)")
-    p.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop, validate and save after this long")
+    p.add_argument("--seed", type=int, help=f"seed for init and data order (default: {d['seed']})")
+    p.add_argument("--corpus", help="UTF-8 text file (default: $DSV3_CORPUS, else Tiny Shakespeare)")
+    p.add_argument("--device", help="auto, cpu, cuda, ... (default: auto = cuda if available)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core; 1 is faster on a "
+                   "machine busy with other jobs)")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="stop, validate and save after this long (default: none)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="ModelConfig override for phase 1, e.g. --set n_layers=2 (repeatable)")
+                   help="ModelConfig override for phase 1, e.g. --set n_layers=2 (repeatable) (default: none)")
 
 
 def cmd_train(args) -> int:
@@ -495,11 +567,17 @@ def cmd_train(args) -> int:
                 mo[k] = v
         over["model_overrides"] = mo
     over.pop("preset", None) if args.resume else None
+    flags = {k: "--" + k.replace("_", "-") for k in vars(args) if k not in ("progress", "set", "func", "command")}
     try:
         h = train(resume=args.resume, **over)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except SettingError as e:  # name the flag, not the field: "--steps must be ...", "--set: dim must be ..."
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        if e.names[0] in model_fields and e.names[0] not in flags:
+            raise ValueError(f"--set: {e}") from None
+        raise ValueError(e.named(flags.get)) from None
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports for the whole data-parallel run
     last, val = h.train[-1] if h.train else {}, h.val[-1] if h.val else {}

@@ -41,9 +41,11 @@ def run(out, **kw):
 def test_config_defaults_and_errors():
     c = TrainConfig(preset="174m")
     assert (c.steps, c.batch_size, c.seq_len, c.lr, c.warmup) == (5000, 16, 1024, 1e-3, 100)
-    for bad, word in [(dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(dtype="fp8"), "dtype"),
-                      (dict(batch_size=6, grad_accum=4), "grad_accum"), (dict(preset="huge"), "preset")]:
-        with pytest.raises(ValueError, match=word):
+    for bad, words in [(dict(steps=0), "^steps must be an int >= 1, got 0$"), (dict(lr=-1.0), "^lr must be > 0"),
+                       (dict(dtype="fp8"), "^dtype must be"), (dict(early_stop=-1), "^early_stop must be an int >= 0"),
+                       (dict(batch_size=6, grad_accum=4), r"^batch_size \(6\) must be a multiple of grad_accum"),
+                       (dict(preset="huge"), "^unknown preset 'huge'")]:
+        with pytest.raises(ValueError, match=words):  # names the field, not the class
             TrainConfig(**bad)
     with pytest.raises(ValueError, match="seq_len 512 exceeds the model's max_seq_len 256"):
         TrainConfig(preset="tiny", seq_len=512).model_config()
@@ -142,7 +144,13 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     from dsv3.__main__ import main
 
     assert main(["train", "--preset", "tiny", "--steps", "0", "--out", str(tmp_path / "bad")]) == 2
-    assert capsys.readouterr().err == "error: TrainConfig: steps must be an int >= 1, got 0\n"
+    assert capsys.readouterr().err == "error: --steps must be an int >= 1, got 0\n"
+    assert main(["train", "--batch-size", "6", "--grad-accum", "4", "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err == "error: --batch-size (6) must be a multiple of --grad-accum (4)\n"
+    assert main(["train", "--set", "dim=0", "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err == "error: --set: dim must be >= 1, got 0\n"
+    assert main(["train", "--seq-len", "512", "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err == "error: --seq-len 512 exceeds the model's max_seq_len 256\n"
     run(tmp_path / "run", steps=1)
     assert main(["train", "--preset", "tiny", "--steps", "2", "--out", str(tmp_path / "run"), *FAST_ARGS]) == 2
     err = capsys.readouterr().err
