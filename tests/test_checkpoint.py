@@ -2,13 +2,23 @@
 
 import json
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import small_cfg
 
 import dsv3
-from dsv3.checkpoint import list_checkpoints, load_state, load_weights, save_checkpoint
+from dsv3.checkpoint import (
+    FILES,
+    best_checkpoint,
+    is_complete,
+    list_checkpoints,
+    load_state,
+    load_weights,
+    save_checkpoint,
+)
 
 
 def trained_model(seed=0, **over):
@@ -109,3 +119,66 @@ def test_loading_never_runs_pickled_code(tmp_path, capsys):
     with pytest.raises(ValueError, match="state.pt is corrupt or not a dsv3 training state"):
         dsv3.load_checkpoint(ckpt, with_state=True)
     assert "executed!" not in capsys.readouterr().out
+
+
+def test_best_is_a_complete_checkpoint_beside_the_steps(tmp_path):
+    model, opt = trained_model()
+    save_checkpoint(tmp_path, model, step=1, optimizer=opt, keep=1)
+    best = save_checkpoint(tmp_path, model, step=1, optimizer=opt, best=True)
+    assert best == tmp_path / "best" and sorted(p.name for p in best.iterdir()) == sorted(FILES)
+    model2, _ = trained_model(seed=1)
+    save_checkpoint(tmp_path, model2, step=2, optimizer=opt, keep=1)  # pruning never touches best/
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002"] and best_checkpoint(tmp_path) == best
+    loaded = dsv3.load_checkpoint(tmp_path, best=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(),
+                                                  strict=True))
+    assert dsv3.load_checkpoint(tmp_path / "step_000002", best=True, with_state=True)[1]["step"] == 1
+    assert dsv3.load_checkpoint(tmp_path, with_state=True)[1]["step"] == 2  # the newest, as before
+    save_checkpoint(tmp_path, model2, step=2, optimizer=opt, best=True)  # a new best replaces it
+    assert load_state(best)["step"] == 2
+    (tmp_path / "other").mkdir()
+    with pytest.raises(FileNotFoundError, match="no best checkpoint in"):
+        dsv3.load_checkpoint(tmp_path / "other", best=True)
+
+
+class Killed(BaseException):  # what SIGKILL would do: nothing after it runs
+    pass
+
+
+def test_a_kill_mid_delete_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    model, opt = trained_model()
+    for step in (1, 2):
+        save_checkpoint(tmp_path, model, step=step, optimizer=opt, keep=2)
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *a, **k):  # deletes one file of the folder, then the process dies
+        next(Path(path).iterdir()).unlink()
+        raise Killed
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):
+        save_checkpoint(tmp_path, model, step=3, optimizer=opt, keep=2)  # prunes step 1: killed mid-delete
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [n for n in names if n.startswith("step_")] == ["step_000002", "step_000003"]
+    assert [n[:len(".trash-step_000001")] for n in names if n.startswith(".")] == [".trash-step_000001"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
+    assert all(is_complete(p) for p in tmp_path.glob("step_*"))
+    # what older versions left (a partial folder under a real name) and a killed save's temp folder
+    (tmp_path / "step_000004").mkdir()
+    (tmp_path / "step_000004" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".tmp-step_000005-x").mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
+    assert dsv3.load_checkpoint(tmp_path, with_state=True)[1]["step"] == 3
+    save_checkpoint(tmp_path, model, step=6, optimizer=opt, keep=2)  # the next save cleans every leftover
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003", "step_000006"]
+
+
+def test_a_kill_between_the_two_renames_of_a_resave_is_undone(tmp_path):
+    model, opt = trained_model()
+    save_checkpoint(tmp_path, model, step=1, optimizer=opt, best=True)
+    (tmp_path / "best").rename(tmp_path / ".old-best")  # killed after moving the old best aside
+    (tmp_path / ".tmp-best-abc").mkdir()  # ... with the new one not yet in place
+    save_checkpoint(tmp_path, model, step=2, optimizer=opt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "step_000002"]
+    assert load_state(tmp_path / "best")["step"] == 1

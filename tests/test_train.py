@@ -18,6 +18,7 @@ from dsv3.checkpoint import list_checkpoints
 from dsv3.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+train_module = sys.modules["dsv3.train"]  # (dsv3.train is the function)
 pytestmark = pytest.mark.skipif(not os.environ.get("DSV3_CORPUS"), reason="needs DSV3_CORPUS (Tiny Shakespeare)")
 # the tiny preset (GPT-2 vocabulary, MLA + MoE) with a narrow trunk so a step takes milliseconds
 FAST = dict(dim=32, n_layers=2, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
@@ -195,3 +196,112 @@ def test_ctrl_c_saves_then_exits(tmp_path):
     step = int(stdout.split()[2].rstrip(","))
     assert dsv3.load_checkpoint(out, with_state=True)[1]["step"] == step >= 2
     assert not math.isnan(dsv3.History.from_jsonl(out / "metrics.jsonl").val[-1]["val_loss"])
+
+
+@pytest.fixture
+def scripted_val(monkeypatch):
+    """evaluate() returns the next of the given losses (the real one runs for the expert loads)."""
+    losses, calls = [], []
+    real = train_module.evaluate
+
+    def fake(*a, **k):
+        calls.append(len(calls))
+        return losses.pop(0), real(*a, **k)[1]
+
+    monkeypatch.setattr(train_module, "evaluate", fake)
+    return losses
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = dsv3.load_checkpoint(a).state_dict(), dsv3.load_checkpoint(b).state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_best_checkpoint_is_kept_and_tracked_across_resumes(tmp_path, scripted_val):
+    run_dir = tmp_path / "run"
+    scripted_val[:] = [5.0, 4.0, 4.5, 4.6]
+    h = run(run_dir, steps=4, eval_interval=1, save_interval=1, keep=10)
+    assert (h.best_step, h.best_val_loss) == (2, 4.0) and h.column("step", "val") == [1, 2, 3, 4]
+    assert dsv3.load_checkpoint(run_dir, best=True, with_state=True)[1]["step"] == 2
+    assert same_weights(run_dir / "best", run_dir / "step_000002")
+    assert dsv3.History.from_jsonl(run_dir / "metrics.jsonl").best == h.best
+    # a resumed run counts validations without improvement from phase 1 on: 2 there + 1 here = early_stop 3
+    scripted_val[:] = [4.2]
+    h = dsv3.train(resume=run_dir, steps=10, early_stop=3, progress=False)
+    assert h.stopped_early and h.column("step")[-1] == 5 and h.best_step == 2
+    assert dsv3.load_checkpoint(run_dir, with_state=True)[1]["step"] == 5  # saved where it stopped
+    scripted_val[:] = [3.8, 3.9]
+    h = dsv3.train(resume=run_dir, steps=2, progress=False)
+    assert (h.best_step, h.best_val_loss) == (6, 3.8) and not h.stopped_early
+    assert same_weights(run_dir / "best", run_dir / "step_000006")
+    # continuing from best/ goes to another folder (the run's later checkpoints stay), and brings best/ along
+    with pytest.raises(ValueError, match="newer than step 6 .*step_000007.*out="):
+        dsv3.train(resume=run_dir / "best", steps=1, progress=False)
+    scripted_val[:] = [3.9]
+    h = dsv3.train(resume=run_dir / "best", steps=1, out=str(tmp_path / "branch"), progress=False)
+    assert h.column("step")[-1] == 7 and h.best_step == 6
+    assert same_weights(tmp_path / "branch" / "best", run_dir / "step_000006")
+
+
+def test_early_stop_and_the_bar_says_validating(tmp_path, scripted_val, monkeypatch):
+    import tqdm.auto
+
+    events = []
+
+    class Bar(tqdm.auto.tqdm):
+        def set_description(self, desc=None, refresh=True):
+            events.append(desc)
+            super().set_description(desc, refresh)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    real = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: (events.append("evaluate"), real(*a, **k))[1])
+    scripted_val[:] = [5.0, 4.0, 4.1, 4.2, 4.0, 3.0]
+    h = run(tmp_path, steps=20, eval_interval=2, early_stop=3)
+    assert h.stopped_early and h.column("step", "val") == [2, 4, 6, 8, 10] and h.column("step")[-1] == 10
+    assert h.best_step == 4 and dsv3.load_checkpoint(tmp_path, with_state=True)[1]["step"] == 10
+    assert events.count("evaluate") == 5
+    assert all(events[i - 1] == "train tiny (validating)" for i, e in enumerate(events) if e == "evaluate")
+    assert "train tiny (saving)" in events and events[-1] == "train tiny"
+    scripted_val[:] = [4.5]  # the final validation after the last step says so too
+    events.clear()
+    run(tmp_path / "b", steps=3, eval_interval=100)
+    assert events[events.index("evaluate") - 1] == "train tiny (validating)"
+
+
+@pytest.mark.slow
+def test_kill_sweep_never_leaves_a_partial_checkpoint(tmp_path):
+    """SIGKILL at random moments (saving, validating and pruning every step), check the disk, resume; repeat."""
+    import random
+
+    rng = random.Random(31)
+    out, total = tmp_path / "run", 40
+    args = ["--batch-size", "2", "--seq-len", "16", "--eval-interval", "1", "--eval-batches", "1", "--save-interval",
+            "1", "--keep", "2", "--no-progress", "--warmup", "2"]
+    kills, step = 0, 0
+    while step < total:
+        first = ["--preset", "tiny", "--steps", str(total), "--out", str(out), *FAST_ARGS]
+        p = _cli(*(first if step == 0 else ["--resume", str(out), "--steps", str(total - step)]), *args)
+        if kills < 5:
+            t0 = time.time()
+            while not any(int(c.name[5:]) > step for c in list_checkpoints(out)) and p.poll() is None:
+                assert time.time() - t0 < 120, "no new checkpoint appeared"
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.5))
+            p.send_signal(signal.SIGKILL)
+            kills += p.wait() == -signal.SIGKILL
+        else:
+            _, stderr = p.communicate(timeout=300)
+            assert p.returncode == 0, stderr
+        # every checkpoint folder under a real name is complete and loads; list_checkpoints lists exactly them
+        named = sorted(c for c in out.iterdir() if c.name.startswith("step_") or c.name == "best")
+        for c in named:
+            assert sorted(f.name for f in c.iterdir()) == ["meta.json", "model.safetensors", "state.pt"], c
+            dsv3.load_checkpoint(c, with_state=True)
+        assert list_checkpoints(out) == [c for c in named if c.name != "best"]
+        step = dsv3.load_checkpoint(out, with_state=True)[1]["step"]
+    assert kills == 5 and step == total
+    assert not [c.name for c in out.iterdir() if c.name.startswith(".")]  # the last saves cleaned every leftover
+    h = dsv3.History.from_jsonl(out / "metrics.jsonl")
+    assert h.column("step") == list(range(1, total + 1)) and h.column("step", "val") == list(range(1, total + 1))
+    assert dsv3.load_checkpoint(out, best=True, with_state=True)[1]["step"] == h.best_step
