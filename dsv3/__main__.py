@@ -32,8 +32,10 @@ def cmd_info(args) -> int:
         print(json.dumps({"preset": args.preset, "config": cfg.to_dict(), "params": counts, **cache}, indent=2))
         return 0
     print(f"preset {args.preset}")
-    for k, v in cfg.to_dict().items():
-        print(f"  {k:<22} {v}")
+    for title, values in cfg.sections().items():  # only the fields that apply to this architecture
+        print(f"  {title}")
+        for k, v in values.items():
+            print(f"    {k:<20} {v}")
     print("parameters")
     for k, v in counts.items():
         print(f"  {k:<22} {v:>13,}")
@@ -44,14 +46,28 @@ def cmd_info(args) -> int:
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default: argparse's "(default: X)", unless the help text states it already
+    (options whose default is None describe it in words) or the option is an on/off switch."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
 
-    parser = argparse.ArgumentParser(prog="python -m dsv3", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dsv3", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, formatter_class=HelpFormatter, **k)
     p = sub.add_parser("info", help="print a preset's config and parameter counts")
-    p.add_argument("--preset", default="174m", choices=list(PRESETS))
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--preset", default="174m", choices=list(PRESETS), help="model preset")
+    p.add_argument("--json", action="store_true", help="machine-readable output (the full config)")
     p.set_defaults(func=cmd_info)
     from .train import add_cli_args, cmd_train
 
@@ -68,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face transformers model folder")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--best", action="store_true", help="the run's best checkpoint (RUN/best) instead of its newest")
     p.add_argument("--out", required=True, help="folder for config.json, model.safetensors, generation_config.json")
     p.set_defaults(func=cmd_export_hf)
     from .bench import add_cli_args as add_bench_args

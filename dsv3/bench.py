@@ -584,8 +584,9 @@ def add_cli_args(p) -> None:
     p.add_argument("--shape", help="training batch x seq for every preset, e.g. 16x1024 (default: per preset)")
     p.add_argument("--precisions", default="fp32,bf16", help="training precisions: fp32 and/or bf16 (autocast)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
-    p.add_argument("--out", help="also write the JSON results to this file")
-    p.add_argument("--figure", help="also draw the bar charts to this image file (e.g. figures/benchmark.png)")
+    p.add_argument("--out", help="also write the JSON results to this file (default: none)")
+    p.add_argument("--figure", help="also draw the bar charts to this image file, e.g. figures/benchmark.png "
+                   "(default: none)")
 
 
 def cmd_bench(args) -> int:

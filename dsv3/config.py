@@ -159,6 +159,25 @@ class ModelConfig:
             return self.kv_lora_rank + self.qk_rope_head_dim
         return 2 * self.n_kv_heads * self.head_dim
 
+    def sections(self) -> dict[str, dict]:
+        """The fields that apply to this config, grouped as in the class (e.g. no GQA fields on an MLA model)."""
+        names = {f.name for f in fields(self)}
+        groups = {
+            "trunk": ["vocab_size", "dim", "n_layers", "n_heads", "attn"],
+            "attention (MLA)": ["q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
+            if self.attn == "mla" else [],
+            "attention (GQA)": ["n_kv_heads", "head_dim"] if self.attn == "gqa" else [],
+            "feed-forward": ["ffn", *(["n_dense_layers"] if self.ffn == "moe" else []),
+                             *(["dense_inter_dim"] if self.ffn == "dense" or self.n_dense_layers > 0 else [])],
+            "DeepSeekMoE": ["n_routed_experts", "n_shared_experts", "n_activated_experts", "moe_inter_dim",
+                            "n_expert_groups", *(["n_limited_groups"] if self.n_expert_groups > 1 else []),
+                            "score_func", "norm_topk_prob", "route_scale", "aux_loss_coef", "z_loss_coef",
+                            "bias_update_speed"] if self.has_moe else [],
+            "positions, norms, init": ["max_seq_len", "rope_theta", "norm_eps", "tie_embeddings", "init_std"],
+        }
+        assert {n for g in groups.values() for n in g} <= names
+        return {title: {n: getattr(self, n) for n in group} for title, group in groups.items() if group}
+
     # --- construction and serialisation ---
     @classmethod
     def preset(cls, name: str, **overrides) -> ModelConfig:

@@ -223,7 +223,7 @@ def cmd_export_hf(args) -> int:
     """`python -m dsv3 export-hf --checkpoint PATH --out DIR`."""
     from . import load_checkpoint
 
-    model = load_checkpoint(args.checkpoint, map_location="cpu")
+    model = load_checkpoint(args.checkpoint, map_location="cpu", best=getattr(args, "best", False))
     try:
         out = export_hf(model, args.out)
     except ImportError as e:  # transformers is an optional extra: a one-line error, like bad input

@@ -374,13 +374,16 @@ def stream(model: DeepSeekV3, prompt: str, max_new_tokens: int = 200, *, tempera
 
 def add_cli_args(p) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder (step_*) or a run folder (its newest)")
-    p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--best", action="store_true",
+                   help="the run's best checkpoint (lowest validation loss, RUN/best) instead of its newest")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty = start from <|endoftext|>)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--stop", action="append", default=None, help="stop before this string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (default: a random seed)")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop before this string (repeatable) (default: only at <|endoftext|>)")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None,
@@ -405,7 +408,7 @@ def cmd_generate(args) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     try:
-        model = load_checkpoint(args.checkpoint, map_location=device)
+        model = load_checkpoint(args.checkpoint, map_location=device, best=getattr(args, "best", False))
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"--checkpoint: {' '.join(str(e).split())}") from None
     except Exception as e:  # unreadable in some other way: still one line, never a stack trace

@@ -70,3 +70,34 @@ def test_info_cli(capsys):
     assert info["cache_values_per_token_per_layer"] == 512 + 64
     assert main(["info", "--preset", "174m"]) == 0
     assert "172,491,648" in capsys.readouterr().out
+
+
+def test_info_shows_only_the_fields_that_apply(capsys):
+    def shown(preset):
+        assert main(["info", "--preset", preset]) == 0
+        return {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("    ")}
+
+    mla_moe, gqa_dense = shown("174m"), shown("smollm2-135m")
+    assert {"kv_lora_rank", "qk_rope_head_dim", "n_routed_experts", "score_func", "n_dense_layers"} <= mla_moe
+    assert not mla_moe & {"n_kv_heads", "head_dim", "dense_inter_dim", "n_limited_groups"}
+    assert {"n_kv_heads", "head_dim", "dense_inter_dim"} <= gqa_dense
+    assert not gqa_dense & {"kv_lora_rank", "q_lora_rank", "n_routed_experts", "aux_loss_coef", "n_dense_layers"}
+    cfg = dsv3.ModelConfig.preset("tiny", n_dense_layers=1, n_expert_groups=2, n_limited_groups=1)
+    fields = {k for group in cfg.sections().values() for k in group}
+    assert {"dense_inter_dim", "n_limited_groups"} <= fields
+    all_fields = {k for p in dsv3.PRESETS for g in dsv3.ModelConfig.preset(p).sections().values() for k in g}
+    assert all_fields | {"n_limited_groups"} == set(cfg.to_dict())  # every field shows where it applies
+
+
+def test_help_shows_every_default():
+    from dsv3.__main__ import HelpFormatter, build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) >= {"info", "train", "generate", "export-hf", "bench"}
+    for name, p in sub.choices.items():
+        assert p.formatter_class is HelpFormatter
+        for a in p._actions:
+            if a.option_strings and not a.required and a.nargs != 0 and a.dest != "help":
+                text = HelpFormatter(name)._get_help_string(a)
+                assert "default" in text, f"{name} {a.option_strings[0]}: {text}"
+        assert "(default: " in p.format_help() or name == "export-hf"  # (it has required options only)
