@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import SettingError
 from .data import EOT, get_tokenizer
 from .model import DeepSeekV3
 
@@ -416,13 +417,21 @@ def cmd_generate(args) -> int:
                          f"{' '.join(str(e).split())})") from None
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed, stop=args.stop, cache=args.cache, compile=args.compile)
+    try:
+        if args.stream:
+            pieces = stream(model, args.prompt, **kw)  # checks the arguments before printing anything
+        else:
+            text = generate(model, args.prompt, **kw)
+    except ValueError as e:  # name the flag, not the parameter: "--top-p must be in (0, 1] ..."
+        flags = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+        raise ValueError(SettingError(str(e)).named(lambda n: f"--{n.replace('_', '-')}" if n in flags else None)
+                         ) from None
     if args.stream:
-        pieces = stream(model, args.prompt, **kw)  # checks the arguments before printing anything
         sys.stdout.write(args.prompt)
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:
-        print(args.prompt + generate(model, args.prompt, **kw))
+        print(args.prompt + text)
     return 0

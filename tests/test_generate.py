@@ -384,4 +384,25 @@ def test_cli_bad_sampling_argument_is_exit_2(checkpoint, capsys):
     from dsv3.__main__ import main
 
     assert main(["generate", "--checkpoint", str(checkpoint[0]), "--top-p", "0"]) == 2
-    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("error: --top-p must be in (0, 1]")
+    assert main(["generate", "--checkpoint", str(checkpoint[0]), "--max-new-tokens", "9999", "--stream"]) == 2
+    assert capsys.readouterr().err.startswith("error: --max-new-tokens must be an int in [0, ")
+
+
+def test_cli_best_uses_the_runs_best_checkpoint(checkpoint, tmp_path, capsys):
+    from dsv3.__main__ import main
+
+    path, m = checkpoint
+    torch.manual_seed(1)
+    other = dsv3.DeepSeekV3(m.cfg)
+    dsv3.save_checkpoint(tmp_path, m, step=3, best=True)
+    dsv3.save_checkpoint(tmp_path, other, step=5)  # newer but not the best
+    args = ["generate", "--checkpoint", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "8", "--temperature",
+            "0"]
+    assert main(args + ["--best"]) == 0
+    assert capsys.readouterr().out == "ROMEO:" + dsv3.generate(m.eval(), "ROMEO:", 8, temperature=0) + "\n"
+    assert main(args) == 0
+    assert capsys.readouterr().out == "ROMEO:" + dsv3.generate(other.eval(), "ROMEO:", 8, temperature=0) + "\n"
+    assert main(args[:2] + [str(tmp_path / "nowhere"), "--best"]) == 2
+    assert main(["generate", "--checkpoint", str(path.parent), "--best"]) == 2
+    assert "error: --checkpoint: no best checkpoint in" in capsys.readouterr().err
