@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,hf,web]"
 	touch $(STAMP)
 
+# make install: only the .venv (dsv3 installed editable with every extra); then .venv/bin/python -m dsv3 --help
+.PHONY: install
+install: $(STAMP)
+
 # The notebooks in order, executed in place (outputs saved): 174m on a CUDA GPU, else tiny (see notebook 03).
 run: $(STAMP)
 	@cd notebooks && for nb in $(NOTEBOOKS); do \

@@ -582,8 +582,11 @@ def cmd_train(args) -> int:
         return 0  # rank 0 reports for the whole data-parallel run
     last, val = h.train[-1] if h.train else {}, h.val[-1] if h.val else {}
     tps = [r["tokens_per_s"] for r in h.train[-50:]]
-    print(f"{'interrupted' if h.interrupted else 'done'}: step {val.get('step')}, "
+    how = "interrupted" if h.interrupted else "stopped early" if h.stopped_early else "done"
+    print(f"{how}: step {val.get('step')}, "
           f"{sum(tps) / max(1, len(tps)):.0f} tokens/s (last {len(tps)} steps), "
           f"train loss {last.get('loss', float('nan')):.4f}, val loss {val.get('val_loss', float('nan')):.4f}, "
           f"max/mean expert load {max(h.max_over_mean_load(), default=1.0):.2f}, checkpoint {h.checkpoint}")
+    if h.best:
+        print(f"best: step {h.best_step}, val loss {h.best_val_loss:.4f}, checkpoint {Path(h.run_dir) / 'best'}")
     return 130 if h.interrupted else 0

@@ -133,6 +133,7 @@ def test_cli_end_to_end(tmp_path):
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr
     assert stdout.startswith("done: step 4,") and "val loss" in stdout and "tokens/s" in stdout
+    assert f"best: step 4, val loss {dsv3.History.from_jsonl(out / 'metrics.jsonl').best_val_loss:.4f}" in stdout
     p = _cli("--resume", str(out), "--steps", "2", *common)
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr
