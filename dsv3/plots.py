@@ -10,6 +10,7 @@ figure at the end of the cell; call `plt.close(fig)` in scripts.
   loss_curves        train / validation loss over steps                        (figures/phase1_loss.png)
   expert_usage       share of routed slots per expert, per layer, over steps   (figures/expert_usage.png)
   phase_curves       two training phases as one curve, with the LR schedule    (figures/phase2_loss.png)
+                     and where the best checkpoint (lowest validation loss) was taken
 """
 
 from __future__ import annotations
@@ -95,13 +96,22 @@ def router_balance(runs: Mapping[str, object], *, layer: int = -1, path: str | P
     return _save(fig, path)
 
 
-def loss_curves(steps, train_loss, val_steps=None, val_loss=None, *, title: str | None = None,
+def _mark_best(ax, best) -> None:
+    """A star on the validation curve at best = (step, val_loss): where the best checkpoint was taken."""
+    if best is not None:
+        step, loss = float(best[0]), float(best[1])
+        ax.plot([step], [loss], "*", ms=14, color="#c44e52", zorder=5, label=f"best checkpoint (step {step:.0f})")
+
+
+def loss_curves(steps, train_loss, val_steps=None, val_loss=None, *, best=None, title: str | None = None,
                 path: str | Path | None = None):
-    """Training loss per step and (optionally) validation loss at its evaluation steps."""
+    """Training loss per step and (optionally) validation loss at its evaluation steps; best = (step, val_loss)
+    marks where the best checkpoint was taken (e.g. `History.best_step, History.best_val_loss`)."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     ax.plot(_array(steps), _array(train_loss), lw=1, alpha=0.8, label="train")
     if val_steps is not None and len(val_steps):
         ax.plot(_array(val_steps), _array(val_loss), "o-", ms=4, label="validation")
+    _mark_best(ax, best)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title or "training loss")
@@ -132,16 +142,19 @@ def expert_usage(steps, loads, *, path: str | Path | None = None):
     return _save(fig, path)
 
 
-def phase_curves(phase1: tuple, phase2: tuple, lr: tuple | None = None, *, path: str | Path | None = None):
+def phase_curves(phase1: tuple, phase2: tuple, lr: tuple | None = None, *, best=None,
+                 path: str | Path | None = None):
     """Two phases of training on one step axis, with the learning rate on a second axis.
 
-    phase1, phase2: (steps, loss) each, optionally (steps, loss, val_steps, val_loss); lr: (steps, lr).
+    phase1, phase2: (steps, loss) each, optionally (steps, loss, val_steps, val_loss); lr: (steps, lr);
+    best: (step, val_loss) of the best checkpoint, marked with a star.
     """
     fig, ax = plt.subplots(figsize=(7.0, 3.8))
     for name, ph, c in (("phase 1", phase1, "#4c72b0"), ("phase 2 (resumed)", phase2, "#dd8452")):
         ax.plot(_array(ph[0]), _array(ph[1]), lw=1, color=c, label=f"{name} train")
         if len(ph) == 4 and len(ph[2]):
             ax.plot(_array(ph[2]), _array(ph[3]), "o--", ms=4, color=c, label=f"{name} validation")
+    _mark_best(ax, best)
     ax.axvline(float(_array(phase2[0])[0]) - 0.5, color="k", lw=0.8, ls=":")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")

@@ -52,8 +52,13 @@ def test_loss_curves_and_phases(tmp_path):
     assert [ln.get_ydata().tolist() for ln in fig.axes[0].get_lines()] == [[5.0, 4.0, 3.5], [3.9]]
     _png(tmp_path / "l.png")
     fig = plots.phase_curves(([1, 2], [5.0, 4.0], [2], [4.2]), ([3], [3.8], [3], [4.0]),
-                             lr=([1, 2, 3], [1e-3, 5e-4, 1e-4]), path=tmp_path / "p.png")
+                             lr=([1, 2, 3], [1e-3, 5e-4, 1e-4]), best=(3, 4.0), path=tmp_path / "p.png")
     assert fig.axes[1].get_lines()[0].get_ydata().tolist() == [1e-3, 5e-4, 1e-4]
+    star = [ln for ln in fig.axes[0].get_lines() if ln.get_marker() == "*"]
+    assert len(star) == 1 and star[0].get_xydata().tolist() == [[3.0, 4.0]]
+    assert "best checkpoint (step 3)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    fig = plots.loss_curves([1, 2, 3], [5.0, 4.0, 3.5], [2, 3], [4.1, 3.9], best=(3, 3.9))
+    assert [ln.get_xydata().tolist() for ln in fig.axes[0].get_lines() if ln.get_marker() == "*"] == [[[3.0, 3.9]]]
     _png(tmp_path / "p.png")
 
 
