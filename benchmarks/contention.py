@@ -14,6 +14,7 @@ Policies (how the workers' OpenMP threads wait):
   default   what `import dsv3` does now (OMP_WAIT_POLICY=PASSIVE unless set)
   active    OMP_WAIT_POLICY=ACTIVE (spin without end)
   threads1  old wait policy, one thread per process (torch.set_num_threads(1))
+  spin10k   GOMP_SPINCOUNT=10000: spin ~0.1 ms before sleeping (between old and PASSIVE)
 Solo runs of the policies are interleaved, `--rounds` times each, so their ratio (solo speed kept) is fair.
 The machine's other load shows up in every figure: run it on a quiet machine.
 """
@@ -37,6 +38,7 @@ POLICIES = {
     "active": dict(env={"OMP_WAIT_POLICY": "ACTIVE"}, torch_first=False, threads=None),
     "passive": dict(env={"OMP_WAIT_POLICY": "PASSIVE"}, torch_first=False, threads=None),
     "threads1": dict(env={}, torch_first=True, threads=1),
+    "spin10k": dict(env={"GOMP_SPINCOUNT": "10000"}, torch_first=True, threads=None),
 }
 
 
