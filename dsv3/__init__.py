@@ -5,13 +5,15 @@ Public API
   training:   TrainConfig, train, evaluate, History, save_checkpoint, load_checkpoint
   generation: generate, stream, Generation
   export:     export_hf (Hugging Face transformers format)
+  speed:      kernels (the fast paths; `with dsv3.kernels.disabled():` runs the plain reference)
 """
 
+from . import kernels
+from .cache import KVCache
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PRESETS, ModelConfig
 from .export_hf import export_hf
 from .generate import Generation, generate, stream
-from .mla import KVCache
 from .model import DeepSeekV3, ModelOutput, count_params
 from .train import History, TrainConfig, evaluate, train
 
@@ -19,6 +21,8 @@ __all__ = [
     "PRESETS", "ModelConfig", "DeepSeekV3", "ModelOutput", "KVCache", "count_params",
     "TrainConfig", "train", "evaluate", "History", "save_checkpoint", "load_checkpoint",
     "generate", "stream", "Generation",
-    "export_hf",
+    "export_hf", "kernels",
 ]
 __version__ = "0.1.0"
+
+kernels.load()  # the fast paths register themselves with the reference (dsv3.kernels.disabled() turns them off)

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_kernels", False):
+        from . import kernels
+
+        kernels.set_enabled(False)  # the reference model for this whole run
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

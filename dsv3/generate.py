@@ -392,6 +392,7 @@ def add_cli_args(p) -> None:
                       help="recompute the whole sequence every step")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (absorbed cache; faster per token after a compile)")
+    p.add_argument("--no-kernels", action="store_true", help="run the plain reference model (dsv3.kernels off)")
 
 
 def cmd_generate(args) -> int:
