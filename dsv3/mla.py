@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Linear, RMSNorm, apply_rope, rope_into, workspace
+from .layers import Linear, RMSNorm, apply_rope, rope_into, workspace, yarn_mscale
 
 PAD_V_FOR_FLASH = True  # causal full-sequence attention (training, prefill) takes SDPA's flash path
 # causal full-sequence attention on the CPU takes CausalAttention while one layer's fp32 scores would fit in this
@@ -178,15 +178,17 @@ class MLA(nn.Module):
             self.wq = Linear(cfg.dim, q_out, bias=False)  # W^Q and W^QR together
         else:  # eq. 12-13: queries through their own low-rank latent c_q
             self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.latent_norm_eps or cfg.norm_eps)
             self.wq_b = Linear(cfg.q_lora_rank, q_out, bias=False)
         # eq. 9 + eq. 15: one down-projection gives the latent c_kv and the shared RoPE key k_pe
         self.wkv_a = Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.latent_norm_eps or cfg.norm_eps)
         # eq. 10-11: W^UK and W^UV stacked per head: rows [h, :nope] -> k_nope, rows [h, nope:] -> v
         self.wkv_b = Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         self.scale = 1.0 / math.sqrt(cfg.qk_head_dim)  # softmax scale over nope + rope dims
+        if cfg.yarn_mscale_all_dim:  # YaRN: every dim's logits, not only the rotated ones, get the temperature
+            self.scale *= yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
 
     def _project(self, x, cos, sin):
         """x (B, T, dim) -> q (B, T, H, nope + rope) before RoPE, and what is cached: c_kv (B, T, r), k_pe (B, T,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Expert, RMSNorm, onednn_mm, rope_cache, use_onednn, workspace
+from .layers import Expert, RMSNorm, onednn_mm, rope_cache, use_onednn, workspace, yarn_mscale, yarn_rope_cache
 from .mla import GQA, MLA, KVCache
 from .moe import MoE
 
@@ -274,6 +274,16 @@ def _compiled_head_decode(device_type: str):
     return torch.compile(_head_decode, fullgraph=True, options=_decode_options(device_type))
 
 
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (max_seq_len, rope dims / 2): plain RoPE, or YaRN's when cfg.yarn_factor > 1."""
+    rope_dim = cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.head_dim
+    if cfg.yarn_factor == 1:
+        return rope_cache(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+    attn_factor = yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale) / yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim)
+    return yarn_rope_cache(rope_dim, cfg.max_seq_len, cfg.rope_theta, cfg.yarn_factor, cfg.yarn_original_max_seq_len,
+                           cfg.yarn_beta_fast, cfg.yarn_beta_slow, attn_factor)
+
+
 class DeepSeekV3(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -284,8 +294,7 @@ class DeepSeekV3(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        rope_dim = cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.head_dim
-        cos, sin = rope_cache(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()

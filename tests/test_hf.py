@@ -1,0 +1,284 @@
+"""Import from Hugging Face (`dsv3.from_hf`): random transformers DeepSeek-V2/V3 checkpoints (YaRN past the original
+context, shared experts, group-limited sigmoid routing with a correction bias, q-LoRA, dense first layers, untied
+heads) must give transformers' logits and greedy tokens; sharded and FP8 folders load exactly; export_hf -> from_hf
+gives back the same state dict bit for bit; every config field or tensor dsv3 cannot honour is refused by name."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.generate import generate_tokens
+from dsv3.hf import dequantize_fp8, from_hf, hf_model_config
+
+transformers = pytest.importorskip("transformers")
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+        "beta_fast": 32, "beta_slow": 1}
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+            v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1,
+            max_position_embeddings=256, tie_word_embeddings=False)
+CONFIGS = {
+    # DeepSeek-V2-Lite's shape in miniature: 2 shared experts, softmax, greedy top-k, no q-LoRA, YaRN
+    "v2-lite": ("DeepseekV2Config", dict(TINY, q_lora_rank=None, n_shared_experts=2, topk_method="greedy",
+                                         norm_topk_prob=False, routed_scaling_factor=1.0, rms_norm_eps=1e-6,
+                                         rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707))),
+    # DeepSeek-V3's: q-LoRA, sigmoid + correction bias, 4 groups of 2 experts of which 2 groups are kept, scale 2.5;
+    # rms_norm_eps 1e-5 so that the latent norms' fixed 1e-6 differs from the others'
+    "v3": ("DeepseekV3Config", dict(TINY, q_lora_rank=24, n_shared_experts=1, n_group=4, topk_group=2,
+                                    norm_topk_prob=True, routed_scaling_factor=2.5, rms_norm_eps=1e-5,
+                                    rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=1.0))),
+}
+
+
+def random_hf(kind: str, seed: int = 0):
+    """A transformers model whose every weight matters: norms away from 1, weights 5x transformers' init so that
+    attention and routing are far from uniform, a nonzero correction bias."""
+    name, kw = CONFIGS[kind]
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, name)(**kw)).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.mul_(5)
+        for n, b in hf.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
+    return hf
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """kind -> (transformers model, folder written by save_pretrained)."""
+    out = {}
+    for kind in CONFIGS:
+        hf = random_hf(kind)
+        path = tmp_path_factory.mktemp(kind)
+        hf.save_pretrained(path)
+        out[kind] = hf, path
+    return out
+
+
+def router_inputs(model, tokens):
+    """The input of every MoE layer for `tokens` (forward hooks)."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+             for m in model.moe_layers()]
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_logits_match_transformers_past_the_original_context(kind, saved):
+    hf, path = saved[kind]
+    model = from_hf(path)
+    cfg = model.cfg
+    assert cfg.yarn_factor == 4 and cfg.yarn_original_max_seq_len == 64 and not cfg.tie_embeddings
+    assert cfg.n_dense_layers == 1 and len(model.moe_layers()) == 2
+    torch.manual_seed(1)
+    x = torch.randint(0, cfg.vocab_size, (2, 200))  # 200 positions: past YaRN's original 64
+    with torch.no_grad():
+        ours, theirs = model(x).logits, hf(x).logits
+    assert theirs.std() > 0.5
+    assert (ours - theirs).abs().max().item() <= 1e-4 * theirs.abs().max().item()
+
+    # routing decisions actually differ between tokens and experts
+    for layer, u in zip(model.moe_layers(), router_inputs(model, x), strict=True):
+        _, idx, _, logits = layer.gate(u)
+        assert idx.unique().numel() == cfg.n_routed_experts  # every expert is chosen by some token
+        if kind == "v3":  # the group limit drops experts that plain top-k of the biased scores would pick
+            plain = (logits.sigmoid() + layer.gate.bias).topk(cfg.n_activated_experts, dim=-1).indices
+            differs = (plain.sort(-1).values != idx.sort(-1).values).any(-1).float().mean().item()
+            assert 0.05 < differs < 1
+            assert layer.gate.bias.abs().min() > 0 and layer.gate.bias.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_greedy_tokens_match_transformers_generate(kind, saved):
+    hf, path = saved[kind]
+    model = from_hf(path)
+    torch.manual_seed(2)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 70))  # decoding continues past the original context
+    with torch.no_grad():
+        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12,
+                             do_sample=False)[:, 70:]
+    for cache in ("absorbed", "naive", "none"):
+        ours = torch.stack(list(generate_tokens(model, prompt, 12, temperature=0, cache=cache)), dim=1)
+        assert torch.equal(ours, theirs), cache
+    trace = []
+    ours = torch.stack(list(dsv3.generate_tokens(model, prompt, 12, temperature=0, trace=trace)), dim=1)
+    assert torch.equal(ours, theirs)
+    ids = torch.cat([t[0] for t in trace], dim=2)  # (moe layers, batch, positions, k)
+    assert ids.shape == (2, 1, 70 + 12, 2)
+
+
+def test_sharded_folder_loads_the_same_weights(saved, tmp_path):
+    hf, path = saved["v3"]
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 3
+    a, b = from_hf(path).state_dict(), from_hf(tmp_path).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def quantize_fp8(w: torch.Tensor, block=(128, 128)):
+    """DeepSeek-V3's blockwise FP8: per block, scale so the largest |w| maps to e4m3's max (448); scale_inv = 1/scale."""
+    rows, cols = -(-w.shape[0] // block[0]), -(-w.shape[1] // block[1])
+    padded = torch.zeros(rows * block[0], cols * block[1])
+    padded[: w.shape[0], : w.shape[1]] = w
+    blocks = padded.view(rows, block[0], cols, block[1])
+    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale_inv = amax / 448.0
+    q = (blocks / scale_inv[:, None, :, None]).to(torch.float8_e4m3fn)
+    return q.view_as(padded)[: w.shape[0], : w.shape[1]].contiguous(), scale_inv
+
+
+def test_fp8_blockwise_weights_are_dequantised_exactly(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, path = saved["v3"]
+    block = (16, 32)  # several blocks per matrix at this size, and partial blocks at the edges
+    sd = load_file(path / "model.safetensors")
+    ref = dict(sd)
+    n = 0
+    for name, w in list(sd.items()):
+        if w.dim() == 2 and ".layers." in name and "gate.weight" not in name:  # DeepSeek-V3 quantises these
+            q, s = quantize_fp8(w, block)
+            sd[name], sd[name + "_scale_inv"] = q, s
+            ref[name] = dequantize_fp8(q, s, block)
+            n += 1
+    assert n > 20
+    save_file(sd, tmp_path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(ref, tmp_path / "ref.safetensors")
+    fp8 = from_hf(tmp_path).state_dict()
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "ref.safetensors").rename(tmp_path / "model.safetensors")
+    dense = from_hf(tmp_path).state_dict()
+    assert all(torch.equal(fp8[k], dense[k]) for k in dense)
+    # the dequantisation itself: each block times its own scale
+    w = torch.randn(40, 70)
+    q, s = quantize_fp8(w, block)
+    d = dequantize_fp8(q, s, block)
+    assert torch.equal(d[16:32, 32:64], q[16:32, 32:64].float() * s[1, 1])
+    assert (d - w).abs().max() <= w.abs().max() * 2 ** -3  # e4m3 keeps 3 mantissa bits
+
+
+@pytest.mark.parametrize("preset", ["tiny", "174m", "smollm2-135m"])
+def test_export_then_import_is_bitwise(preset, tmp_path):
+    torch.manual_seed(0)
+    if preset == "tiny":
+        model = dsv3.DeepSeekV3(dsv3.ModelConfig.preset(preset))
+        with torch.no_grad():  # a nonzero norm weight everywhere, so the latent rescale has something to undo
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.copy_(1 + 0.2 * torch.randn_like(p))
+    else:
+        model = dsv3.DeepSeekV3(dsv3.ModelConfig.preset(preset))
+    dsv3.export_hf(model, tmp_path)
+    back = from_hf(tmp_path)
+    assert back.cfg == model.cfg
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys()
+    bad = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not bad
+    assert not hasattr(back, "tokenizer")  # GPT-2 vocabulary, no tokenizer files: tiktoken, as for our own models
+
+
+def test_info_reads_a_config_alone(tmp_path, capsys):
+    from dsv3.__main__ import main
+
+    (tmp_path / "config.json").write_text(json.dumps(V2_LITE_CONFIG))
+    cfg = hf_model_config(tmp_path)
+    assert (cfg.dim, cfg.n_layers, cfg.n_routed_experts, cfg.n_shared_experts, cfg.yarn_factor) == (2048, 27, 64, 2, 40)
+    assert main(["info", "--hf", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"]["total"] == 15_706_484_224  # DeepSeek-V2-Lite: 15.7B total
+    assert 2.6e9 < info["params"]["active"] < 2.8e9  # ... 2.4B active in its paper, without the embedding
+
+
+V2_LITE_CONFIG = {  # deepseek-ai/DeepSeek-V2-Lite's config.json (its maths fields)
+    "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v2",
+    "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2,
+    "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27,
+    "num_key_value_heads": 16, "pretraining_tp": 1, "q_lora_rank": None, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+    "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 102400,
+}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
+    (dict(attention_bias=True), "attention_bias=True is not supported"),
+    (dict(topk_method="noaux_tc"), "topk_method='noaux_tc' is not supported"),
+    (dict(norm_topk_prob=True), "norm_topk_prob=True is not supported"),
+    (dict(moe_layer_freq=2), "moe_layer_freq=2 is not supported"),
+    (dict(num_key_value_heads=8), "num_key_value_heads=8 is not supported"),
+    (dict(sliding_window=128), "unknown config field(s) sliding_window"),
+    (dict(model_type="mixtral"), "model_type='mixtral' is not supported"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope type 'linear' is not supported"),
+    (dict(rope_scaling=dict(V2_LITE_CONFIG["rope_scaling"], mscale_all_dim=0)), "scale attention differently"),
+    (dict(quantization_config={"quant_method": "gptq"}), "quantization_config"),
+])
+def test_refuses_config_fields_it_cannot_compute(change, message, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**V2_LITE_CONFIG, **change}))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        hf_model_config(tmp_path)
+
+
+def test_unknown_missing_and_misshapen_tensors_are_errors(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, path = saved["v2-lite"]
+    sd = load_file(path / "model.safetensors")
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+
+    def check(tensors, message):
+        save_file(tensors, tmp_path / "model.safetensors")
+        with pytest.raises(ValueError, match=message):
+            from_hf(tmp_path)
+
+    check({**sd, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}, "unknown 1 tensor.*rotary_emb")
+    check({k: v for k, v in sd.items() if k != "model.layers.2.mlp.experts.7.up_proj.weight"},
+          "missing 1 tensor.*experts.7.up_proj")
+    check({**sd, "model.layers.1.mlp.gate.weight": torch.zeros(8, 63)}, r"gate.weight has shape \[8, 63\]")
+    check({**sd, "model.layers.3.mlp.gate.weight": torch.zeros(8, 64)}, "unknown 1 tensor.*layers.3")
+
+
+def test_mtp_layers_are_reported_and_skipped(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, path = saved["v3"]
+    sd = load_file(path / "model.safetensors")
+    mtp = {"model.layers.3.eh_proj.weight": torch.zeros(64, 128), "model.layers.3.enorm.weight": torch.ones(64)}
+    mtp.update({f"model.layers.3.mlp.experts.{j}.up_proj.weight": torch.zeros(32, 64) for j in range(8)})
+    save_file({**sd, **mtp}, tmp_path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"skipped 10 multi-token-prediction tensors.*experts\.\*\.up_proj"):
+        model = from_hf(tmp_path)
+    ref = from_hf(path).state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+    config["num_nextn_predict_layers"] = 0  # not declared: unknown tensors
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="unknown 10 tensor"):
+        from_hf(tmp_path)
