@@ -17,10 +17,10 @@ transformers = pytest.importorskip("transformers")
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
         "beta_fast": 32, "beta_slow": 1}
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
             v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1,
-            max_position_embeddings=256, tie_word_embeddings=False)
+            max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
 CONFIGS = {
     # DeepSeek-V2-Lite's shape in miniature: 2 shared experts, softmax, greedy top-k, no q-LoRA, YaRN
     "v2-lite": ("DeepseekV2Config", dict(TINY, q_lora_rank=None, n_shared_experts=2, topk_method="greedy",
@@ -204,8 +204,11 @@ def test_info_reads_a_config_alone(tmp_path, capsys):
     assert (cfg.dim, cfg.n_layers, cfg.n_routed_experts, cfg.n_shared_experts, cfg.yarn_factor) == (2048, 27, 64, 2, 40)
     assert main(["info", "--hf", str(tmp_path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["params"]["total"] == 15_706_484_224  # DeepSeek-V2-Lite: 15.7B total
-    assert 2.6e9 < info["params"]["active"] < 2.8e9  # ... 2.4B active in its paper, without the embedding
+    p = info["params"]
+    assert p["total"] == 15_706_484_224  # DeepSeek-V2-Lite's published count (15.7B)
+    assert 2.35e9 < p["active"] - p["embedding"] < 2.5e9  # "2.4B activated" in its model card (lookups not counted)
+    assert info["weight_bytes_bf16"] == 2 * p["total"]
+    assert info["cache_values_per_token_per_layer"] == 512 + 64
 
 
 V2_LITE_CONFIG = {  # deepseek-ai/DeepSeek-V2-Lite's config.json (its maths fields)
@@ -282,3 +285,96 @@ def test_mtp_layers_are_reported_and_skipped(saved, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with warnings.catch_warnings(), pytest.raises(ValueError, match="unknown 10 tensor"):
         from_hf(tmp_path)
+
+
+def byte_level_tokenizer(path):
+    """A byte-level BPE tokenizer.json (DeepSeek's kind) trained offline on a few sentences: ids 0 and 1 are
+    <bos> and <eos>, then the 256 bytes, then merges up to the test models' 320 ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
+            "The slings and arrows of outrageous fortune, déjà vu"] * 20
+    tok.train_from_iterator(text, trainer)
+    assert tok.get_vocab_size() == 320 and tok.token_to_id("<bos>") == 0 and tok.token_to_id("<eos>") == 1
+    tok.save(str(path / "tokenizer.json"))
+    return tok
+
+
+def test_text_generation_uses_the_folders_tokenizer(saved, tmp_path, capsys):
+    from dsv3.__main__ import main
+
+    hf, path = saved["v3"]
+    for f in path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    tok = byte_level_tokenizer(tmp_path)
+    model = from_hf(tmp_path)
+    assert model.tokenizer is not None and (model.tokenizer.bos, model.tokenizer.eot) == (0, 1)
+    prompt = "To be, or not to be, déjà"
+    ids = [0] + tok.encode(prompt, add_special_tokens=False).ids  # <bos> first, as transformers' tokenizer does
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=1)[0, len(ids):]
+    theirs = theirs.tolist()
+    if 1 in theirs:
+        theirs = theirs[: theirs.index(1)]
+    out = dsv3.generate(model, prompt, max_new_tokens=12, temperature=0, return_trace=True)
+    assert out.tokens == ids + theirs
+    assert out.text == tok.decode(theirs, skip_special_tokens=True)  # our byte-level decoding = tokenizers'
+    assert "".join(out.token_texts[len(ids):]) == out.text
+    assert out.expert_ids.shape == (2, len(out.tokens), 2)
+
+    assert main(["generate", "--hf", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "12",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == prompt + out.text + "\n"
+    assert main(["generate", "--hf", str(tmp_path), "--prompt-ids", ",".join(map(str, ids)),
+                 "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    plain = torch.stack(list(generate_tokens(model, torch.tensor([ids]), 5, temperature=0)), 1)[0].tolist()
+    assert capsys.readouterr().out.split() == [str(t) for t in plain]
+
+
+def test_without_tokenizer_json_text_is_refused_and_ids_work(saved, capsys):
+    from dsv3.__main__ import main
+
+    _, path = saved["v2-lite"]
+    model = from_hf(path)
+    assert model.tokenizer is None
+    with pytest.raises(ValueError, match="no tokenizer .*generate_tokens"):
+        dsv3.generate(model, "hello", max_new_tokens=3)
+    assert main(["generate", "--hf", str(path), "--prompt", "hello", "--max-new-tokens", "3"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+    assert main(["generate", "--hf", str(path), "--prompt-ids", "5 6 7", "--max-new-tokens", "4", "--seed", "1"]) == 0
+    assert len(capsys.readouterr().out.split()) == 4
+    assert main(["generate", "--hf", str(path / "nowhere"), "--prompt-ids", "5"]) == 2
+    assert capsys.readouterr().err.startswith("error: --hf: ")
+
+
+@pytest.mark.slow
+def test_compiled_decoding_of_an_imported_model(saved):
+    hf, path = saved["v3"]
+    model = from_hf(path)
+    torch.manual_seed(3)
+    prompt = torch.randint(0, model.cfg.vocab_size, (2, 66))
+    eager = torch.stack(list(generate_tokens(model, prompt, 8, temperature=0)), dim=1)
+    compiled = torch.stack(list(generate_tokens(model, prompt, 8, temperature=0, compile=True)), dim=1)
+    assert torch.equal(eager, compiled)
+    with torch.no_grad():
+        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8,
+                             do_sample=False)[:, 66:]
+    assert torch.equal(compiled, theirs)
+
+
+def test_bf16_import_keeps_the_router_bias_in_fp32(saved):
+    _, path = saved["v3"]
+    model = from_hf(path, dtype="bfloat16")
+    ref = from_hf(path)
+    assert model.embed.weight.dtype == torch.bfloat16
+    for m, r in zip(model.moe_layers(), ref.moe_layers(), strict=True):
+        assert m.gate.bias.dtype == torch.float32 and torch.equal(m.gate.bias, r.gate.bias)
+    assert torch.equal(model.layers[2].ffn.experts.w1, ref.layers[2].ffn.experts.w1.bfloat16())
+    assert model.rope_cos.dtype == torch.bfloat16  # as model.to(torch.bfloat16) leaves it
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        from_hf(path, dtype="int8")
