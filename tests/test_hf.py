@@ -41,7 +41,7 @@ def random_hf(kind: str, seed: int = 0):
     torch.manual_seed(seed)
     hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, name)(**kw)).eval()
     with torch.no_grad():
-        for n, p in hf.named_parameters():
+        for p in hf.parameters():
             if p.dim() == 1:
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             else:
@@ -130,7 +130,7 @@ def test_sharded_folder_loads_the_same_weights(saved, tmp_path):
 
 
 def quantize_fp8(w: torch.Tensor, block=(128, 128)):
-    """DeepSeek-V3's blockwise FP8: per block, scale so the largest |w| maps to e4m3's max (448); scale_inv = 1/scale."""
+    """DeepSeek-V3's blockwise FP8: per block, the largest |w| maps to e4m3's max, 448; scale_inv = 1 / scale."""
     rows, cols = -(-w.shape[0] // block[0]), -(-w.shape[1] // block[1])
     padded = torch.zeros(rows * block[0], cols * block[1])
     padded[: w.shape[0], : w.shape[1]] = w
