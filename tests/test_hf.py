@@ -89,6 +89,10 @@ def test_logits_match_transformers_past_the_original_context(kind, saved):
         ours, theirs = model(x).logits, hf(x).logits
     assert theirs.std() > 0.5
     assert (ours - theirs).abs().max().item() <= 1e-4 * theirs.abs().max().item()
+    plain = dsv3.DeepSeekV3(cfg.replace(yarn_factor=1.0)).eval()  # the same weights without YaRN: far off
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (plain(x).logits - theirs).abs().max().item() > 1e-2 * theirs.abs().max().item()
 
     # routing decisions actually differ between tokens and experts
     for layer, u in zip(model.moe_layers(), router_inputs(model, x), strict=True):
@@ -378,3 +382,23 @@ def test_bf16_import_keeps_the_router_bias_in_fp32(saved):
     assert model.rope_cos.dtype == torch.bfloat16  # as model.to(torch.bfloat16) leaves it
     with pytest.raises(ValueError, match="dtype must be one of"):
         from_hf(path, dtype="int8")
+
+
+def test_llama_folder_matches_transformers(tmp_path):
+    """The dense GQA baseline's format (SmolLM2's kind): LlamaForCausalLM, tied head, no permutation."""
+    torch.manual_seed(4)
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=1e5)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p)) if p.dim() == 1 else p.mul_(5)
+    hf.save_pretrained(tmp_path)
+    model = from_hf(tmp_path)
+    assert (model.cfg.attn, model.cfg.n_kv_heads, model.cfg.head_dim, model.cfg.tie_embeddings) == ("gqa", 2, 16, True)
+    assert model.head.weight is model.embed.weight
+    x = torch.randint(0, 320, (2, 50))
+    with torch.no_grad():
+        ours, theirs = model(x).logits, hf(x).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4 * theirs.abs().max().item()
