@@ -5,6 +5,7 @@ gives back the same state dict bit for bit; every config field or tensor dsv3 ca
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from dsv3.generate import generate_tokens
 from dsv3.hf import dequantize_fp8, from_hf, hf_model_config
 
 transformers = pytest.importorskip("transformers")
+FIXTURES = Path(__file__).parent / "fixtures"  # real config.json files, without weights
+V2_LITE_CONFIG = json.loads((FIXTURES / "deepseek-v2-lite" / "config.json").read_text())
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
         "beta_fast": 32, "beta_slow": 1}
@@ -200,36 +203,25 @@ def test_export_then_import_is_bitwise(preset, tmp_path):
     assert not hasattr(back, "tokenizer")  # GPT-2 vocabulary, no tokenizer files: tiktoken, as for our own models
 
 
-def test_info_reads_a_config_alone(tmp_path, capsys):
+def test_info_reads_a_config_alone(capsys):
+    """The real config.json files of DeepSeek-V2-Lite and DeepSeek-V3 (no weights): their published sizes."""
     from dsv3.__main__ import main
 
-    (tmp_path / "config.json").write_text(json.dumps(V2_LITE_CONFIG))
-    cfg = hf_model_config(tmp_path)
+    cfg = hf_model_config(FIXTURES / "deepseek-v2-lite")
     assert (cfg.dim, cfg.n_layers, cfg.n_routed_experts, cfg.n_shared_experts, cfg.yarn_factor) == (2048, 27, 64, 2, 40)
-    assert main(["info", "--hf", str(tmp_path), "--json"]) == 0
+    assert main(["info", "--hf", str(FIXTURES / "deepseek-v2-lite"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     p = info["params"]
     assert p["total"] == 15_706_484_224  # DeepSeek-V2-Lite's published count (15.7B)
     assert 2.35e9 < p["active"] - p["embedding"] < 2.5e9  # "2.4B activated" in its model card (lookups not counted)
     assert info["weight_bytes_bf16"] == 2 * p["total"]
     assert info["cache_values_per_token_per_layer"] == 512 + 64
-
-
-V2_LITE_CONFIG = {  # deepseek-ai/DeepSeek-V2-Lite's config.json (its maths fields)
-    "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
-    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944,
-    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v2",
-    "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2,
-    "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27,
-    "num_key_value_heads": 16, "pretraining_tp": 1, "q_lora_rank": None, "qk_nope_head_dim": 128,
-    "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
-    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
-                     "original_max_position_embeddings": 4096, "type": "yarn"},
-    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
-    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
-    "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 102400,
-}
+    assert main(["info", "--hf", str(FIXTURES / "deepseek-v3"), "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)["params"]
+    assert 671.0e9 < p["total"] < 671.1e9  # "671B total parameters" (without the 14B MTP module)
+    assert 36.5e9 < p["active"] - p["embedding"] < 37.7e9  # "37B activated for each token"
+    cfg = hf_model_config(FIXTURES / "deepseek-v3")
+    assert (cfg.q_lora_rank, cfg.n_expert_groups, cfg.n_limited_groups, cfg.score_func) == (1536, 8, 4, "sigmoid")
 
 
 @pytest.mark.parametrize("change, message", [
