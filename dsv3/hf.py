@@ -44,7 +44,7 @@ IGNORED = {
     "architectures", "auto_map", "model_type", "transformers_version", "_name_or_path", "use_cache", "dtype",
     "torch_dtype", "initializer_range", "attention_dropout", "aux_loss_alpha", "seq_aux", "output_router_logits",
     "router_aux_loss_coef", "ep_size", "pretraining_tp", "bos_token_id", "eos_token_id", "pad_token_id", "qk_head_dim",
-    "num_nextn_predict_layers", "num_mtp_layers", "quantization_config", "dsv3_config", "tie_word_embeddings",
+    "num_nextn_predict_layers", "num_mtp_layers", "quantization_config", "dsv3_config",
 }
 TRAINING_ONLY = ("aux_loss_coef", "z_loss_coef", "bias_update_speed", "init_std")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -397,23 +397,24 @@ def from_hf(path: str | Path, *, dtype: torch.dtype | str | None = None,
                 f"{what} {len(ns)} tensor(s): {', '.join(ns[:8])}{' ...' if len(ns) > 8 else ''}"
                 for what, ns in (("unknown", unknown), ("missing", missing)) if ns))
         for name, (_, _, shape) in plan.items():
-            got = tuple(handles[where[name]].get_slice(name).get_shape())
+            info = handles[where[name]].get_slice(name)
+            got = tuple(info.get_shape())
             if got != shape:
                 raise ValueError(f"{path}: {name} has shape {list(got)}, config.json implies {list(shape)}")
+            fp8 = info.get_dtype().startswith("F8")
+            if fp8 != (name + "_scale_inv" in where) or fp8 and (hc.fp8_block is None or info.get_dtype() != "F8_E4M3"):
+                raise ValueError(f"{path}: {name} is {info.get_dtype()}: only float8_e4m3fn weights have a "
+                                 "weight_scale_inv, and they need both it and an fp8 quantization_config")
         orphans = sorted(s for s in scales if s.removesuffix("_scale_inv") not in where)
         if orphans:
             raise ValueError(f"{path}: unknown tensor(s) {', '.join(orphans[:8])} (a scale without its weight)")
 
-        def read(name: str) -> torch.Tensor:
+        def read(name: str) -> torch.Tensor:  # dequantised (the checks above hold for MTP tensors too)
             w = handles[where[name]].get_tensor(name)
-            if w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                scale = name + "_scale_inv"
-                if scale not in where or hc.fp8_block is None or w.dtype != torch.float8_e4m3fn:
-                    raise ValueError(f"{path}: {name} is {w.dtype} without a weight_scale_inv and an fp8 e4m3 "
-                                     "quantization_config")
-                w = dequantize_fp8(w, handles[where[scale]].get_tensor(scale), hc.fp8_block)
-            elif name + "_scale_inv" in where:
-                raise ValueError(f"{path}: {name} is {w.dtype} but has a weight_scale_inv (only float8 is scaled)")
+            if name + "_scale_inv" in where and hc.fp8_block is not None and w.dtype == torch.float8_e4m3fn:
+                w = dequantize_fp8(w, handles[where[name + "_scale_inv"]].get_tensor(name + "_scale_inv"), hc.fp8_block)
+            elif w.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                raise ValueError(f"{path}: {name} is {w.dtype}, which dsv3 does not load")
             return w
 
         model = model.to(dtype).to_empty(device=device)

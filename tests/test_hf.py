@@ -170,10 +170,13 @@ def test_fp8_blockwise_weights_are_dequantised_exactly(saved, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     save_file(ref, tmp_path / "ref.safetensors")
     fp8 = from_hf(tmp_path).state_dict()
-    (tmp_path / "model.safetensors").unlink()
-    (tmp_path / "ref.safetensors").rename(tmp_path / "model.safetensors")
+    (tmp_path / "ref.safetensors").replace(tmp_path / "model.safetensors")
     dense = from_hf(tmp_path).state_dict()
     assert all(torch.equal(fp8[k], dense[k]) for k in dense)
+    del sd["model.layers.2.mlp.experts.3.up_proj.weight_scale_inv"]  # an FP8 weight without its scale
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="experts.3.up_proj.weight is F8_E4M3: only float8_e4m3fn weights have a"):
+        from_hf(tmp_path)
     # the dequantisation itself: each block times its own scale
     w = torch.randn(40, 70)
     q, s = quantize_fp8(w, block)
