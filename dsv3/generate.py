@@ -430,6 +430,8 @@ def cmd_generate(args) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.dtype is not None and args.hf is None:
+        raise ValueError("--dtype goes with --hf (it sets the dtype of the imported weights)")
     flag, source = ("--hf", args.hf) if args.hf is not None else ("--checkpoint", args.checkpoint)
     try:
         if args.hf is not None:
