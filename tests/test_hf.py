@@ -29,6 +29,11 @@ CONFIGS = {
     "v2-lite": ("DeepseekV2Config", dict(TINY, q_lora_rank=None, n_shared_experts=2, topk_method="greedy",
                                          norm_topk_prob=False, routed_scaling_factor=1.0, rms_norm_eps=1e-6,
                                          rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707))),
+    # DeepSeek-V2's (236B) routing: group_limited_greedy ranks a group by its best softmax score; scale 16
+    "v2": ("DeepseekV2Config", dict(TINY, q_lora_rank=24, n_shared_experts=2, topk_method="group_limited_greedy",
+                                    num_experts_per_tok=3,  # ranking groups by their best matters for k > topk_group
+                                    n_group=4, topk_group=2, norm_topk_prob=False, routed_scaling_factor=16.0,
+                                    rms_norm_eps=1e-6, rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707))),
     # DeepSeek-V3's: q-LoRA, sigmoid + correction bias, 4 groups of 2 experts of which 2 groups are kept, scale 2.5;
     # rms_norm_eps 1e-5 so that the latent norms' fixed 1e-6 differs from the others'
     "v3": ("DeepseekV3Config", dict(TINY, q_lora_rank=24, n_shared_experts=1, n_group=4, topk_group=2,
@@ -101,10 +106,12 @@ def test_logits_match_transformers_past_the_original_context(kind, saved):
     for layer, u in zip(model.moe_layers(), router_inputs(model, x), strict=True):
         _, idx, _, logits = layer.gate(u)
         assert idx.unique().numel() == cfg.n_routed_experts  # every expert is chosen by some token
-        if kind == "v3":  # the group limit drops experts that plain top-k of the biased scores would pick
-            plain = (logits.sigmoid() + layer.gate.bias).topk(cfg.n_activated_experts, dim=-1).indices
+        if kind != "v2-lite":  # the group limit drops experts that plain top-k of the (biased) scores would pick
+            scores = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(-1)
+            plain = (scores + layer.gate.bias).topk(cfg.n_activated_experts, dim=-1).indices
             differs = (plain.sort(-1).values != idx.sort(-1).values).any(-1).float().mean().item()
             assert 0.05 < differs < 1
+        if kind == "v3":
             assert layer.gate.bias.abs().min() > 0 and layer.gate.bias.dtype == torch.float32
 
 
@@ -124,7 +131,7 @@ def test_greedy_tokens_match_transformers_generate(kind, saved):
     ours = torch.stack(list(dsv3.generate_tokens(model, prompt, 12, temperature=0, trace=trace)), dim=1)
     assert torch.equal(ours, theirs)
     ids = torch.cat([t[0] for t in trace], dim=2)  # (moe layers, batch, positions, k)
-    assert ids.shape == (2, 1, 70 + 12, 2)
+    assert ids.shape == (2, 1, 70 + 12, model.cfg.n_activated_experts)
 
 
 def test_sharded_folder_loads_the_same_weights(saved, tmp_path):
