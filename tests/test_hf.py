@@ -404,3 +404,25 @@ def test_llama_folder_matches_transformers(tmp_path):
     with torch.no_grad():
         ours, theirs = model(x).logits, hf(x).logits
     assert (ours - theirs).abs().max().item() <= 1e-4 * theirs.abs().max().item()
+
+
+def test_dsv3_config_in_an_export_is_checked_and_optional(tmp_path):
+    torch.manual_seed(5)
+    model = dsv3.DeepSeekV3(dsv3.ModelConfig.preset("tiny", n_layers=2, score_func="sigmoid")).eval()
+    dsv3.export_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    edited = dict(config, rope_parameters=dict(config["rope_parameters"], rope_theta=5e5))
+    (tmp_path / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="dsv3_config disagrees with the transformers fields on rope_theta"):
+        from_hf(tmp_path)
+    # without it the folder reads like any transformers checkpoint: latent norms with eps 1e-6 on the rescaled rows,
+    # the same function (not the same bits), and the training-only fields at their defaults
+    del config["dsv3_config"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    plain = from_hf(tmp_path)
+    assert plain.cfg.latent_norm_eps == 1e-6 and plain.cfg.aux_loss_coef == 1e-3 != model.cfg.aux_loss_coef
+    assert not torch.equal(plain.layers[0].attn.wkv_a.weight, model.layers[0].attn.wkv_a.weight)
+    x = torch.randint(0, model.cfg.vocab_size, (1, 32))
+    with torch.no_grad():
+        ours, theirs = plain(x).logits, model(x).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4 * theirs.abs().max().item()
