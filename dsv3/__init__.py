@@ -3,8 +3,8 @@
 Public API
   model:      ModelConfig (+ PRESETS), DeepSeekV3, ModelOutput, KVCache, count_params
   training:   TrainConfig, train, evaluate, History, save_checkpoint, load_checkpoint
-  generation: generate, stream, Generation
-  export:     export_hf (Hugging Face transformers format)
+  generation: generate, stream, Generation, generate_tokens (token ids in and out)
+  transformers format: export_hf, from_hf (DeepSeek-V2/V3 and Llama folders, FP8 included)
   speed:      kernels (the fast paths; `with dsv3.kernels.disabled():` runs the plain reference)
 """
 
@@ -13,15 +13,16 @@ from .cache import KVCache
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PRESETS, ModelConfig
 from .export_hf import export_hf
-from .generate import Generation, generate, stream
+from .generate import Generation, generate, generate_tokens, stream
+from .hf import from_hf
 from .model import DeepSeekV3, ModelOutput, count_params
 from .train import History, TrainConfig, evaluate, train
 
 __all__ = [
     "PRESETS", "ModelConfig", "DeepSeekV3", "ModelOutput", "KVCache", "count_params",
     "TrainConfig", "train", "evaluate", "History", "save_checkpoint", "load_checkpoint",
-    "generate", "stream", "Generation",
-    "export_hf", "kernels",
+    "generate", "stream", "Generation", "generate_tokens",
+    "export_hf", "from_hf", "kernels",
 ]
 __version__ = "0.1.0"
 

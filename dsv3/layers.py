@@ -8,6 +8,8 @@ Nothing here knows about configs, caches or training.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +61,30 @@ def rope_cache(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Ten
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature 0.1 * mscale * ln(s) + 1 (YaRN eq. 21); 1 when the context is not stretched."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_rope_cache(head_dim: int, max_seq_len: int, theta: float, factor: float, original_max_seq_len: int,
+                    beta_fast: float, beta_slow: float, attn_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_cache` with YaRN's frequencies (Peng et al. 2023, "NTK-by-parts"; DeepSeek-V2 §3.1): dims that turn
+    more than beta_fast times within the original context keep their frequency, those turning fewer than beta_slow
+    times are divided by the factor s, a linear ramp between; cos and sin are scaled by attn_factor, so q_pe . k_pe
+    is scaled by its square."""
+    d = head_dim
+    base = theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+
+    def dim_turning(n: float) -> float:  # the dim whose wavelength fits n times into the original context
+        return d * math.log(original_max_seq_len / (n * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = max(math.floor(dim_turning(beta_fast)), 0), min(math.ceil(dim_turning(beta_slow)), d - 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low if high != low else 0.001)).clamp(0, 1)
+    inv_freq = (1 - ramp) / base + ramp / (factor * base)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return (angles.cos() * attn_factor).float(), (angles.sin() * attn_factor).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

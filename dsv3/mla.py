@@ -21,7 +21,7 @@ from torch import nn
 from . import kernels
 from .cache import KVCache
 from .config import ModelConfig
-from .layers import Linear, RMSNorm, apply_rope
+from .layers import Linear, RMSNorm, apply_rope, yarn_mscale
 
 __all__ = ["MLA", "GQA", "KVCache", "attention"]
 
@@ -55,15 +55,17 @@ class MLA(nn.Module):
             self.wq = Linear(cfg.dim, q_out, bias=False)  # W^Q and W^QR together
         else:  # eq. 12-13: queries through their own low-rank latent c_q (saves activation memory in training)
             self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, bias=False)  # W^DQ
-            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.latent_norm_eps or cfg.norm_eps)
             self.wq_b = Linear(cfg.q_lora_rank, q_out, bias=False)  # W^UQ and W^QR together
         # eq. 9 + eq. 15: one down-projection gives the latent c_kv and the shared RoPE key k_pe
         self.wkv_a = Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)  # W^DKV and W^KR
-        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.latent_norm_eps or cfg.norm_eps)
         # eq. 10-11: W^UK and W^UV stacked per head: rows [h, :nope] -> k^C, rows [h, nope:] -> v^C
         self.wkv_b = Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)  # eq. 19: W^O
         self.scale = 1.0 / math.sqrt(cfg.qk_head_dim)  # softmax scale over the nope + rope dims
+        if cfg.yarn_mscale_all_dim:  # YaRN: every dim's logits, not only the rotated ones, get the temperature
+            self.scale *= yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x (B, T, dim) -> q (B, T, H, nope + rope) before RoPE, and what is cached: c_kv (B, T, kv_lora_rank),

@@ -21,7 +21,7 @@ from torch import nn
 from . import kernels
 from .cache import KVCache
 from .config import ModelConfig
-from .layers import Expert, RMSNorm, rope_cache
+from .layers import Expert, RMSNorm, rope_cache, yarn_mscale, yarn_rope_cache
 from .mla import GQA, MLA
 from .moe import MoE
 
@@ -58,6 +58,16 @@ class Block(nn.Module):
         return x + self.ffn(h), None, None
 
 
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (max_seq_len, rope dims / 2): plain RoPE, or YaRN's when cfg.yarn_factor > 1."""
+    rope_dim = cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.head_dim
+    if cfg.yarn_factor == 1:
+        return rope_cache(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+    attn_factor = yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale) / yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim)
+    return yarn_rope_cache(rope_dim, cfg.max_seq_len, cfg.rope_theta, cfg.yarn_factor, cfg.yarn_original_max_seq_len,
+                           cfg.yarn_beta_fast, cfg.yarn_beta_slow, attn_factor)
+
+
 @kernels.hook
 def embed_tokens(model: DeepSeekV3, tokens: torch.Tensor) -> torch.Tensor:
     """The token embedding lookup (B, T) -> (B, T, dim)."""
@@ -84,8 +94,7 @@ class DeepSeekV3(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        rope_dim = cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.head_dim
-        cos, sin = rope_cache(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()

@@ -50,7 +50,7 @@ class Gate(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.topk, self.n_experts = cfg.n_activated_experts, cfg.n_routed_experts
-        self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
+        self.n_groups, self.topk_groups, self.group_score = cfg.n_expert_groups, cfg.n_limited_groups, cfg.group_score
         self.score_func, self.norm, self.route_scale = cfg.score_func, cfg.topk_norm, cfg.route_scale
         self.bias_update_speed = cfg.bias_update_speed
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))  # centroids e_i
@@ -65,9 +65,12 @@ class Gate(nn.Module):
             logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()  # eq. 15
         select = scores + self.bias  # eq. 16: the bias steers selection only, never the gate values
-        if self.n_groups > 1:  # keep the best n_limited_groups groups (by their top-2 sum); mask the rest
+        if self.n_groups > 1:  # group-limited routing: keep the best n_limited_groups groups, mask the rest
             grouped = select.view(x.shape[0], self.n_groups, -1)
-            group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+            if self.group_score == "max":  # DeepSeek-V2: a group ranks by its best expert
+                group_score = grouped.amax(dim=-1)
+            else:  # DeepSeek-V3: by the sum of its two best
+                group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
             keep = group_score.topk(self.topk_groups, dim=-1).indices
             masked = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
             select = grouped.masked_fill(masked.unsqueeze(-1), float("-inf")).flatten(1)
