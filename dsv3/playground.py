@@ -116,7 +116,8 @@ class Playground:
         self.compile = W.Checkbox(value=False, description="compiled decoding (the first run compiles)",
                                   indent=False)
         self.button = W.Button(description="Generate", button_style="primary", tooltip="Generate (streams)")
-        self.stop_button = W.Button(description="Stop", disabled=True, tooltip="End the generation now")
+        self.stop_button = W.Button(description="Stop", disabled=True, button_style="warning",
+                                    tooltip="End the generation now")
         self.status = W.HTML()
         self.output = W.HTML(layout=W.Layout(width="99%", min_height="48px", border="1px solid #ddd",
                                              padding="4px 8px"))
@@ -212,18 +213,18 @@ class Playground:
             "max_new_tokens": (not 1 <= n <= L - 1 and f"{n} is out of range: 1-{L - 1} for this model")
             or (n > room > 0 and f"{n} does not fit: the prompt is {n_prompt} tokens, so at most {room} "
                 f"(context {L})"),
-            "temperature": not (math.isfinite(t) and t >= 0) and f"{t} is out of range: must be >= 0",
+            "temperature": not (math.isfinite(t) and t >= 0) and f"{t} is out of range: must be ≥ 0",
             "top_k": not 0 <= k <= V and f"{k} is out of range: 0-{V}",
-            "top_p": not (0 < p <= 1) and f"{p} is out of range: 0 < top-p <= 1",
-            "seed": not 0 <= s < 2**63 and f"{s} is out of range: must be >= 0",
+            "top_p": not (0 < p <= 1) and f"{p} is out of range: 0 < top-p ≤ 1",
+            "seed": not 0 <= s < 2**63 and f"{s} is out of range: must be ≥ 0",
         }
         help_text = {
             "prompt": f"{n_prompt} tokens (at most {L - 1} for this model)",
-            "max_new_tokens": f"1-{L - 1} for this model (prompt + new tokens <= {L})",
-            "temperature": ">= 0 (0 = greedy; higher = more random)",
+            "max_new_tokens": f"1-{L - 1} for this model (prompt + new tokens ≤ {L})",
+            "temperature": "≥ 0 (0 = greedy; higher = more random)",
             "top_k": f"0-{V}: sample from the k most likely tokens (0 = off)",
-            "top_p": "0 < p <= 1: the smallest set of tokens reaching probability p (1 = off)",
-            "seed": ">= 0: the same seed gives the same text",
+            "top_p": "0 < p ≤ 1: the smallest set of tokens reaching probability p (1 = off)",
+            "seed": "≥ 0: the same seed gives the same text",
         }
         for name, hint in self.hints.items():
             msg = errors[name]
@@ -276,7 +277,7 @@ class Playground:
         self.generation = None
         self.legend.value = ""
         head = f"<b>{_esc(prompt)}</b>"
-        self.output.value = f"<div style='{TEXT_CSS}'>{head}</div>"
+        self.output.value = f"<div class='gen-text' style='{TEXT_CSS}'>{head}</div>"
         start, count = time.perf_counter(), 0
 
         def status(state: str) -> str:
@@ -287,7 +288,7 @@ class Playground:
         def on_text(text: str) -> None:
             nonlocal count
             count += 1
-            self.output.value = f"<div style='{TEXT_CSS}'>{head}{_esc(text)}</div>"
+            self.output.value = f"<div class='gen-text' style='{TEXT_CSS}'>{head}{_esc(text)}</div>"
             self.status.value = status("generating")
 
         self.status.value = status("generating")
@@ -307,7 +308,7 @@ class Playground:
         layer = self.layer.value
         if layer is None or layer < 0 or not self.n_moe:
             body = f"<b>{_esc(''.join(g.token_texts[:g.n_prompt]))}</b>{_esc(g.text)}"
-            self.output.value, self.legend.value = f"<div style='{TEXT_CSS}'>{body}</div>", ""
+            self.output.value, self.legend.value = f"<div class='gen-text' style='{TEXT_CSS}'>{body}</div>", ""
             return
         experts = g.top_experts()[layer].tolist()
         spans = []
@@ -316,7 +317,7 @@ class Playground:
             bold = "font-weight:bold;" if i < g.n_prompt else ""
             spans.append(f"<span title='expert {e}' style='{bold}background:{c}2e;border-bottom:2px solid {c}'>"
                          f"{_esc(t) or '&#8203;'}</span>")
-        self.output.value = f"<div style='{TEXT_CSS}'>{''.join(spans)}</div>"
+        self.output.value = f"<div class='gen-text' style='{TEXT_CSS}'>{''.join(spans)}</div>"
         counts = [experts.count(e) for e in range(self.model.cfg.n_routed_experts)]
         self.legend.value = " ".join(
             f"<span title='{n} tokens' style='background:{PALETTE[e % len(PALETTE)]};color:white;padding:0 5px;"

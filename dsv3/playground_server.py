@@ -82,14 +82,15 @@ BUSY_PAGE = """<!doctype html>
 h1{{font-size:1.6em}} a.button{{display:inline-block;background:#1976d2;color:#fff;padding:8px 18px;
 border-radius:4px;text-decoration:none;margin-top:8px}}</style></head>
 <body class="playground-busy"><h1>{title}</h1>
-<p><b>The playground is busy:</b> all {cap} sessions are in use. Try again in a minute; a session is freed
+<p><b>The playground is busy:</b> {sessions} in use. Try again in a minute; a session is freed
 within a minute of its page being closed.</p>
 <a class="button" href="">Try again</a></body></html>
 """
 
 
 class KernelCapReached(Exception):
-    pass
+    """No kernel may start: `max_kernels` are alive or starting."""
+
 
 class CappedKernelManager(AsyncMappingKernelManager):
     """Refuses a kernel beyond `max_kernels` (live + starting); culls kernels of pages left open too."""
@@ -120,6 +121,7 @@ class CappedKernelManager(AsyncMappingKernelManager):
                              idle.total_seconds())
             await self.shutdown_kernel(kernel_id)
 
+
 class CappedVoilaHandler(TornadoVoilaHandler):
     """The page, or the busy page when no kernel may start (nothing is written before the kernel starts)."""
 
@@ -132,9 +134,14 @@ class CappedVoilaHandler(TornadoVoilaHandler):
             self.set_header("Retry-After", "30")
             self.set_header("Cache-Control", "no-store")
             self.set_header("Content-Type", "text/html; charset=utf-8")
-            self.finish(BUSY_PAGE.format(title=TITLE, cap=self.kernel_manager.max_kernels))
+            cap = self.kernel_manager.max_kernels
+            self.finish(BUSY_PAGE.format(title=TITLE, sessions="its only session is" if cap == 1 else
+                                         f"all {cap} sessions are"))
+
 
 class PlaygroundVoila(Voila):
+    """Voilà serving the app notebook through CappedVoilaHandler."""
+
     name = "dsv3-playground"
 
     def init_handlers(self):

@@ -117,7 +117,7 @@ def test_limits_are_stated_and_refused_not_clamped(model):
     pg = Playground(model)
     L, V = model.cfg.max_seq_len, model.cfg.vocab_size
     assert f"1-{L - 1} for this model" in pg.hints["max_new_tokens"].value
-    assert f"0-{V}" in pg.hints["top_k"].value and "0 &lt; p &lt;= 1" in pg.hints["top_p"].value
+    assert f"0-{V}" in pg.hints["top_k"].value and "0 &lt; p ≤ 1" in pg.hints["top_p"].value
     enc = get_tokenizer()
     assert f"{len(enc.encode_ordinary('ROMEO:'))} tokens (at most {L - 1}" in pg.hints["prompt"].value
     for name, widget, bad, msg in [("max_new_tokens", pg.max_new_tokens, 9999, f"9999 is out of range: 1-{L - 1}"),
