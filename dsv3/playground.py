@@ -150,6 +150,11 @@ class Playground:
                   W.HBox([self.button, self.stop_button, self.status], layout=W.Layout(align_items="center")),
                   self.output, W.HBox([W.Label("colour by expert of", layout=label), self.layer, self.legend],
                                       layout=W.Layout(align_items="center"))]
+        end = os.environ.get("DSV3_PLAYGROUND_SESSION_END", "")  # set by playground_server for its kernels
+        if end.isdigit() and int(end) > 0:
+            parts.append(W.HTML(f"<span style='color:#888;font-size:12px'>This page's session ends after "
+                                f"{int(end) // 60 or 1} min without use: reload the page to start a new one."
+                                f"</span>").add_class("gen-session-note"))
         self.widget = W.VBox(parts, layout=W.Layout(max_width="980px"))
         self.widget.add_class("gen-app")
 

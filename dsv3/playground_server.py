@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoints", default="checkpoints", help="folder of run folders to offer")
     p.add_argument("--ip", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
-    p.add_argument("--max-kernels", type=int, default=int(os.environ.get("DSV3_PLAYGROUND_MAX_KERNELS", 0)),
+    p.add_argument("--max-kernels", type=int, default=None,
                    help="most visitors at once, one kernel each (0 = from available memory; env "
                         "DSV3_PLAYGROUND_MAX_KERNELS)")
     p.add_argument("--cull-idle", type=int, default=30,
@@ -178,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cull-open", type=int, default=600,
                    help="seconds an open but unused page keeps its kernel (0 = forever)")
     args = p.parse_args(argv)
+    if args.max_kernels is None:
+        env = os.environ.get("DSV3_PLAYGROUND_MAX_KERNELS", "0")
+        if not env.strip().isdigit():
+            p.error(f"DSV3_PLAYGROUND_MAX_KERNELS must be an integer >= 0, got {env!r}")
+        args.max_kernels = int(env)
     for flag in ("max_kernels", "cull_idle", "cull_interval", "cull_open", "port"):
         if getattr(args, flag) < 0 or (flag in ("cull_idle", "cull_interval", "port") and getattr(args, flag) == 0):
             p.error(f"--{flag.replace('_', '-')} must be {'>= 0' if flag in ('max_kernels', 'cull_open') else '> 0'}, "
@@ -189,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
           f"closed pages' kernels end after {args.cull_idle} s idle, unused open pages' after {args.cull_open} s",
           flush=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # kernels inherit the server's environment
+    os.environ["DSV3_PLAYGROUND_SESSION_END"] = str(args.cull_open)  # the page says when its session ends
     folder = Path(tempfile.mkdtemp(prefix="dsv3-playground-"))
     nb = write_app_notebook(folder, root)
     PlaygroundVoila.launch_instance([

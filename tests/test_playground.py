@@ -180,7 +180,7 @@ def test_checkpoint_choices_newest_and_best(model, tmp_path, monkeypatch):
     assert "Could not use DSV3_CHECKPOINT" in show(tmp_path).value
 
 
-def test_server_sizing_and_app(model, tmp_path, capsys):
+def test_server_sizing_and_app(model, tmp_path, capsys, monkeypatch):
     srv = pytest.importorskip("dsv3.playground_server", reason="voila is not installed (pip install dsv3[web])")
     assert srv.kernel_mb(tmp_path) == srv.BASE_KERNEL_MB
     ckpt = dsv3.save_checkpoint(tmp_path / "run", model, step=1)
@@ -197,3 +197,7 @@ def test_server_sizing_and_app(model, tmp_path, capsys):
         with pytest.raises(SystemExit):
             srv.main(bad)
         assert f"{bad[0]} must be" in capsys.readouterr().err
+    monkeypatch.setenv("DSV3_PLAYGROUND_MAX_KERNELS", "many")
+    with pytest.raises(SystemExit):
+        srv.main([])
+    assert "DSV3_PLAYGROUND_MAX_KERNELS must be an integer" in capsys.readouterr().err

@@ -172,6 +172,7 @@ def test_page_is_an_app(runs, tmp_path):
             body = page.locator("body").inner_text()
             assert "05 ·" not in body and "make playground" not in body and "import" not in body  # the app only
             assert page.locator(".gen-output").inner_text().strip() == ""  # nothing generated at load
+            assert "session ends after 10 min without use" in page.locator(".gen-session-note").inner_text()
             assert "tiny/step_000000" in page.locator(".gen-checkpoint select").inner_text()
             hint = page.locator(".gen-hint-max-new-tokens")
             assert f"1-{L - 1} for this model" in hint.inner_text()
