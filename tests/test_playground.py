@@ -201,3 +201,49 @@ def test_server_sizing_and_app(model, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         srv.main([])
     assert "DSV3_PLAYGROUND_MAX_KERNELS must be an integer" in capsys.readouterr().err
+
+
+def test_kernel_cap_and_open_page_culling(monkeypatch):
+    srv = pytest.importorskip("dsv3.playground_server", reason="voila is not installed (pip install dsv3[web])")
+    import asyncio
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from jupyter_server._tz import utcnow
+    from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+
+    async def fake_start(self, **kwargs):  # a kernel that takes a while to start, as a real one does
+        await asyncio.sleep(0.05)
+        kid = f"k{len(self._kernels)}"
+        self._kernels[kid] = SimpleNamespace(execution_state="idle", kernel_spec=SimpleNamespace(metadata={}),
+                                             kernel_name="python3", last_activity=utcnow())
+        return kid
+
+    monkeypatch.setattr(AsyncMappingKernelManager, "start_kernel", fake_start)
+    km = srv.CappedKernelManager(max_kernels=3, cull_idle_timeout=30, cull_open_timeout=600)
+    shut = []
+
+    async def fake_shutdown(kid, *args, **kwargs):
+        shut.append(kid)
+        km._kernels.pop(kid)
+
+    km.shutdown_kernel = fake_shutdown
+
+    async def crowd(n):  # n visitors at once: the count is taken before any await, so no race lets a 4th in
+        return await asyncio.gather(*(km.start_kernel() for _ in range(n)), return_exceptions=True)
+
+    got = asyncio.run(crowd(5))
+    assert sum(isinstance(r, str) for r in got) == 3 and sum(isinstance(r, srv.KernelCapReached) for r in got) == 2
+    assert km._starting == 0 and len(km._kernels) == 3
+    now = utcnow()
+    k0, k1, k2 = (km._kernels[k] for k in ("k0", "k1", "k2"))
+    km._kernel_connections.update(k0=1, k1=1, k2=0)  # two open pages, one closed
+    k0.last_activity = now - timedelta(seconds=120)  # open, idle 2 min: kept
+    k1.last_activity = now - timedelta(seconds=700)  # open, idle past cull_open_timeout: culled
+    k2.last_activity = now - timedelta(seconds=40)  # closed, idle past cull_idle_timeout: culled
+    for kid in ("k0", "k1", "k2"):
+        asyncio.run(km.cull_kernel_if_idle(kid))
+    assert sorted(shut) == ["k1", "k2"] and list(km._kernels) == ["k0"]
+    k0.execution_state, k0.last_activity = "busy", now - timedelta(seconds=700)  # generating: never culled
+    asyncio.run(km.cull_kernel_if_idle("k0"))
+    assert list(km._kernels) == ["k0"]
