@@ -185,7 +185,7 @@ def test_server_sizing_and_app(model, tmp_path, capsys, monkeypatch):
     assert srv.kernel_mb(tmp_path) == srv.BASE_KERNEL_MB
     ckpt = dsv3.save_checkpoint(tmp_path / "run", model, step=1)
     weights = (ckpt / "model.safetensors").stat().st_size
-    assert srv.kernel_mb(tmp_path) == srv.BASE_KERNEL_MB + int(1.25 * weights / 2**20)
+    assert srv.kernel_mb(tmp_path) == srv.BASE_KERNEL_MB + 2 * (weights >> 20)
     assert srv.memory_bound_mb(3, tmp_path) == srv.SERVER_MB + 3 * srv.kernel_mb(tmp_path)
     avail = srv._meminfo_mb("MemAvailable")
     expect = max(1, (avail - srv.SERVER_MB - srv.RESERVE_MB) // srv.kernel_mb(tmp_path))
