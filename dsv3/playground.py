@@ -122,7 +122,7 @@ class Playground:
         self.output = W.HTML(layout=W.Layout(width="99%", min_height="48px", border="1px solid #ddd",
                                              padding="4px 8px"))
         self.layer = W.Dropdown(layout=W.Layout(width="170px"))
-        self.legend = W.HTML()
+        self.legend = W.HTML(layout=W.Layout(flex="1 1 auto"))
         self.hints = {name: W.HTML() for name in ("prompt", "max_new_tokens", "temperature", "top_k", "top_p",
                                                   "seed")}
         for w, cls in [(self.heading, "gen-title"), (self.info, "gen-info"), (self.checkpoint, "gen-checkpoint"),
@@ -326,7 +326,8 @@ class Playground:
         counts = [experts.count(e) for e in range(self.model.cfg.n_routed_experts)]
         self.legend.value = " ".join(
             f"<span title='{n} tokens' style='background:{PALETTE[e % len(PALETTE)]};color:white;padding:0 5px;"
-            f"border-radius:3px;font-size:12px'>expert {e}: {n}</span>" for e, n in enumerate(counts))
+            f"border-radius:3px;font-size:12px;white-space:nowrap;display:inline-block;margin:1px 0'>"
+            f"expert {e}: {n}</span>" for e, n in enumerate(counts))
 
 
 def show(root: str | os.PathLike = "checkpoints", device: str | None = None) -> Playground | W.HTML:

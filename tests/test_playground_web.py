@@ -12,7 +12,7 @@ Chromium (Debian's `chromium`, through Playwright).
 Skips with the reason when chromium, Playwright or Voilà is missing (`make test` installs chromium when it runs as
 root with apt). The model is a randomly initialised tiny checkpoint: the page only has to generate something.
 DSV3_SCREENSHOTS=<folder> (with DSV3_SCREENSHOT_RUNS=<checkpoints folder> for a trained model) also saves the
-pages as PNGs: playground_idle.png, playground_generating.png, playground_busy.png.
+pages as PNGs: playground_idle.png, playground_busy.png, playground_generating.png, playground_done.png.
 """
 
 import asyncio
@@ -33,6 +33,7 @@ import torch
 from conftest import ROOT
 
 import dsv3
+from dsv3.playground import checkpoint_choices
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -173,7 +174,7 @@ def test_page_is_an_app(runs, tmp_path):
             assert "05 ·" not in body and "make playground" not in body and "import" not in body  # the app only
             assert page.locator(".gen-output").inner_text().strip() == ""  # nothing generated at load
             assert "session ends after 10 min without use" in page.locator(".gen-session-note").inner_text()
-            assert "tiny/step_000000" in page.locator(".gen-checkpoint select").inner_text()
+            assert checkpoint_choices(runs)[0][0] in page.locator(".gen-checkpoint select").inner_text()
             hint = page.locator(".gen-hint-max-new-tokens")
             assert f"1-{L - 1} for this model" in hint.inner_text()
             if SHOTS:
@@ -209,7 +210,8 @@ def test_page_is_an_app(runs, tmp_path):
             prompt.press("Tab")
             page.get_by_role("button", name="Generate").click()
             status = page.locator(".gen-status")
-            status.filter(has_text=re.compile(r"generating · ([3-9]|\d\d+) tokens · [\d.]+ tokens/s · [\d.]+ s")) \
+            at_least = r"([2-9]\d|\d{3})" if SHOTS else r"([3-9]|\d\d+)"  # tokens before Stop (more for a picture)
+            status.filter(has_text=re.compile(rf"generating · {at_least} tokens · [\d.]+ tokens/s · [\d.]+ s")) \
                 .wait_for(timeout=120_000)
             if SHOTS:
                 page.screenshot(path=f"{SHOTS}/playground_generating.png")
@@ -225,11 +227,15 @@ def test_page_is_an_app(runs, tmp_path):
             assert out.locator("span[title^='expert']").count() == n_prompt + n_stopped  # one span per token
 
             # a short run to the end: the number typed in the box reached the kernel
-            box.fill("12")
+            n = 60 if SHOTS else 12
+            box.fill(str(n))
             box.press("Enter")
             page.get_by_role("button", name="Generate").click()
             status.filter(has_text=re.compile("max new tokens reached|end of text")).wait_for(timeout=120_000)
-            assert int(re.search(r"(\d+) tokens", status.inner_text()).group(1)) <= 12
+            assert int(re.search(r"(\d+) tokens", status.inner_text()).group(1)) <= n
+            page.locator(".gen-legend").filter(has_text="expert 0").wait_for(timeout=30_000)
+            if SHOTS:
+                page.screenshot(path=f"{SHOTS}/playground_done.png")
 
             # closed: the kernel goes within cull-idle + cull-interval (+ slack)
             page.close()
