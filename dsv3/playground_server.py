@@ -9,6 +9,8 @@ kernels is what bounds memory:
     kernel;
   - a kernel whose page was closed (its websocket gone) is shut down once idle for `cull_idle_timeout` seconds,
     checked every `cull_interval` seconds; a page left open but unused loses its kernel after `cull_open_timeout`.
+So the server and its kernels stay under `memory_bound_mb` = SERVER_MB + max_kernels x kernel_mb. The server
+process itself imports nothing of dsv3 (`-m` re-executes this file as a script), so it holds no torch.
 The page is the widget of `dsv3.playground.show` and nothing else (no notebook prose or code), titled, and it
 generates nothing until asked. Kernels get OMP_NUM_THREADS=1 unless it is set: many kernels share few cores.
 Deliberately not here: the widget itself (playground.py); authentication (it listens on 127.0.0.1 by default).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from datetime import timedelta
@@ -198,14 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["DSV3_PLAYGROUND_SESSION_END"] = str(args.cull_open)  # the page says when its session ends
     folder = Path(tempfile.mkdtemp(prefix="dsv3-playground-"))
     nb = write_app_notebook(folder, root)
-    PlaygroundVoila.launch_instance([
-        str(nb), f"--port={args.port}", "--no-browser", f"--Voila.ip={args.ip}", "--Voila.port_retries=0",
-        f"--Voila.root_dir={folder}",
-        f"--VoilaConfiguration.multi_kernel_manager_class={CappedKernelManager.__module__}.CappedKernelManager",
-        f"--CappedKernelManager.max_kernels={cap}", f"--CappedKernelManager.cull_open_timeout={args.cull_open}",
-        f"--MappingKernelManager.cull_idle_timeout={args.cull_idle}",
-        f"--MappingKernelManager.cull_interval={args.cull_interval}",
-    ])
+    try:
+        PlaygroundVoila.launch_instance([
+            str(nb), f"--port={args.port}", "--no-browser", f"--Voila.ip={args.ip}", "--Voila.port_retries=0",
+            f"--Voila.root_dir={folder}",
+            f"--VoilaConfiguration.multi_kernel_manager_class={CappedKernelManager.__module__}.CappedKernelManager",
+            f"--CappedKernelManager.max_kernels={cap}", f"--CappedKernelManager.cull_open_timeout={args.cull_open}",
+            f"--MappingKernelManager.cull_idle_timeout={args.cull_idle}",
+            f"--MappingKernelManager.cull_interval={args.cull_interval}",
+        ])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 
