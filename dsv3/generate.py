@@ -46,7 +46,7 @@ class Generation:
     tokens: list[int]  # prompt ids, then the generated ids (a final <|endoftext|> is not included)
     n_prompt: int  # how many of `tokens` are the prompt (an empty prompt is the one token <|endoftext|>)
     token_texts: list[str]  # per token, the text it completes ('' while a UTF-8 character is still partial)
-    finish_reason: str  # "eot" (<|endoftext|>), "stop" (a stop string) or "length" (max_new_tokens)
+    finish_reason: str  # "eot" (<|endoftext|>), "stop" (a stop string), "length" (max_new_tokens) or "cancelled"
     expert_ids: torch.Tensor | None = None  # (n_moe_layers, len(tokens), top-k) routed expert ids, int64
     gates: torch.Tensor | None = None  # (n_moe_layers, len(tokens), top-k) their gate weights g_i,t (fp32)
 
@@ -317,7 +317,7 @@ def _drive(rows: list[_Row], steps, max_new_tokens: int) -> Iterator[list[_Row]]
 def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 200, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | torch.Generator | None = None,
              stop: str | list[str] | None = None, cache: str = "absorbed", return_trace: bool = False,
-             on_text=None, compile: bool = False):
+             on_text=None, compile: bool = False, cancel=None):
     """Continue `prompt` (a string, or a list of strings generated together as one left-padded batch).
 
     Stops at <|endoftext|>, at the first of the `stop` strings (cut from the text) or after
@@ -328,6 +328,8 @@ def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 2
     `Generation` per prompt, holding the token ids, per-token texts and the routing of every token.
     `on_text`, if given, is called after every decoded token with the text so far (a list for a list of
     prompts): the same UTF-8-complete, stop-aware text that `stream` yields, for UIs that also want the trace.
+    `cancel`, if given, is a callable checked after every decoded token: once it returns True the generation
+    ends there (finish_reason "cancelled") and returns what it has, trace included (a UI's Stop button).
     """
     batch = not isinstance(prompt, str)
     prompts = list(prompt) if batch and isinstance(prompt, (list, tuple)) else [prompt]
@@ -339,6 +341,11 @@ def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 2
     for _ in _drive(rows, steps, max_new_tokens):
         if on_text is not None:
             on_text([r.ready() for r in rows] if batch else rows[0].ready())
+        if cancel is not None and cancel():
+            for r in rows:
+                if r.finish is None:
+                    r.end("cancelled")
+            break
     if return_trace:
         next(steps, None)  # route the last sampled tokens too (a no-op if the loop ran to max_new_tokens)
         steps.close()
