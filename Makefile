@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh clone (each makes .venv on first use):
 #   make run    the main job: the notebooks in order, on the default preset
 #   make test   every test: pytest (unit + integration), then pytest --nbval on the notebooks
-# Also: make lab (JupyterLab), make playground (notebook 05 as a web page on 127.0.0.1:7860).
+# Also: make lab (JupyterLab), make playground (the playground web app on http://127.0.0.1:7860).
 
 PY      ?= python3
 VENV    := .venv
@@ -59,10 +59,12 @@ test: chromium unit nbval
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
 
-# Notebook 05 as a web page (Voila) on http://127.0.0.1:7860; idle kernels of closed tabs are culled after 10 min.
+# The playground web app (notebook 05's widget alone, served by Voila) on http://127.0.0.1:7860 for the runs in
+# checkpoints/. One kernel per visitor: at most as many as the free memory holds (it prints the number), then a
+# "busy" page; closed pages' kernels end after 30 s idle. E.g. make playground PLAYGROUND_ARGS="--max-kernels 5".
+PLAYGROUND_ARGS ?=
 playground: $(STAMP)
-	$(BIN)/voila notebooks/05_playground.ipynb --port=7860 --no-browser --Voila.ip=127.0.0.1 \
-	  --MappingKernelManager.cull_idle_timeout=600 --MappingKernelManager.cull_interval=60
+	$(BIN)/python -m dsv3.playground_server --checkpoints checkpoints --port 7860 $(PLAYGROUND_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -3,9 +3,9 @@
     python benchmarks/gemv.py [--preset 174m] [--reps 8]
 
 A batch-1 decoding step multiplies one row by every weight: matrix-vector products, bound by reading the
-weights. `DeepSeekV3.decode_step(compiled=True)` compiles its blocks with `dsv3.model._decode_options`
+weights. `DeepSeekV3.decode_step(compiled=True)` compiles its blocks with `dsv3.kernels.decode._options`
 (inductor's decompose_mm_pass: each one-row matmul becomes a fused multiply-reduce) and runs the head as the
-compiled multiply-reduce `dsv3.model._head_decode`. This times that step (random weights, 32 new tokens from
+compiled multiply-reduce `dsv3.kernels.decode.head_decode`. This times that step (random weights, 32 new tokens from
 position 32, interleaved repetitions, median ms per token) three ways:
   before      blocks compiled with cpp_wrapper only (torch's BLAS, MKL on x86, for the matmuls), eager head
   +blocks     blocks compiled with _decode_options, eager head
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv3
-import dsv3.model as model_mod
+import dsv3.kernels.decode as dec
 from dsv3.bench import interleaved
 
 
@@ -34,9 +34,9 @@ def main() -> None:
     model = dsv3.DeepSeekV3(cfg).eval()
     cache = model.new_cache(1, 2 * args.tokens)
     tok = torch.zeros(1, 1, dtype=torch.long)
-    compiled_block, compiled_head = model_mod._compiled_block_decode, model_mod._compiled_head_decode
+    compiled_block, compiled_head = dec.compiled_block_decode, dec.compiled_head_decode
     blocks = {
-        "mkl": torch.compile(model_mod.Block.decode, fullgraph=True, options={"cpp_wrapper": True}),
+        "mkl": torch.compile(dec.block_decode, fullgraph=True, options={"cpp_wrapper": True}),
         "decompose": compiled_block("cpu"),
     }
 
@@ -45,8 +45,8 @@ def main() -> None:
 
     def variant(block, head):
         def run():
-            model_mod._compiled_block_decode = lambda device_type: blocks[block]
-            model_mod._compiled_head_decode = head
+            dec.compiled_block_decode = lambda device_type: blocks[block]
+            dec.compiled_head_decode = head
             cache.pos = args.tokens
             for _ in range(args.tokens):
                 model.decode_step(tok, cache, compiled=True)
@@ -63,7 +63,7 @@ def main() -> None:
         with torch.no_grad():
             res = interleaved(fns, reps=args.reps, warmup=1)
     finally:
-        model_mod._compiled_block_decode, model_mod._compiled_head_decode = compiled_block, compiled_head
+        dec.compiled_block_decode, dec.compiled_head_decode = compiled_block, compiled_head
     print(f"{args.preset}, batch 1, fp32, threads {torch.get_num_threads()}: ms per token (median of {args.reps})")
     for name, r in res.items():
         ms = r["median"] / args.tokens * 1e3

@@ -15,7 +15,7 @@ import argparse
 import torch
 
 import dsv3
-import dsv3.model as model_mod
+import dsv3.kernels.head as head_mod
 from dsv3.bench import interleaved
 
 V, Vp = 50257, 50304
@@ -30,7 +30,7 @@ def main() -> None:
     D = dsv3.ModelConfig.preset(args.preset).dim
     cpu = dev.type == "cpu"
     dt = torch.float32 if cpu else torch.bfloat16
-    R = max(model_mod.CE_CHUNK, model_mod.CE_CHUNK_ELEMS // D) if cpu else 4096
+    R = max(head_mod.CE_CHUNK, head_mod.CE_CHUNK_ELEMS // D) if cpu else 4096
     torch.manual_seed(0)
     h = torch.randn(R, D, device=dev, dtype=dt)
     w = torch.randn(V, D, device=dev, dtype=dt)

@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dsv3
-import dsv3.model as model_mod
+import dsv3.kernels.head as head_mod
 from dsv3.bench import interleaved
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.ce_chunk:
-        model_mod.CE_CHUNK_ACCEL = args.ce_chunk
+        head_mod.CE_CHUNK_ACCEL = args.ce_chunk
     dev = torch.device(args.device)
     torch.manual_seed(0)
     cfg = dsv3.ModelConfig.preset(args.preset)

@@ -3,23 +3,28 @@
 Public API
   model:      ModelConfig (+ PRESETS), DeepSeekV3, ModelOutput, KVCache, count_params
   training:   TrainConfig, train, evaluate, History, save_checkpoint, load_checkpoint
-  generation: generate, stream, Generation
-  export:     export_hf (Hugging Face transformers format)
+  generation: generate, stream, Generation, generate_tokens (token ids in and out)
+  transformers format: export_hf, from_hf (DeepSeek-V2/V3 and Llama folders, FP8 included)
+  speed:      kernels (the fast paths; `with dsv3.kernels.disabled():` runs the plain reference)
 """
 
 from . import _openmp  # noqa: F401,I001  first: sets OMP_WAIT_POLICY before torch loads OpenMP (see _openmp.py)
+from . import kernels
+from .cache import KVCache
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PRESETS, ModelConfig
 from .export_hf import export_hf
-from .generate import Generation, generate, stream
-from .mla import KVCache
+from .generate import Generation, generate, generate_tokens, stream
+from .hf import from_hf
 from .model import DeepSeekV3, ModelOutput, count_params
 from .train import History, TrainConfig, evaluate, train
 
 __all__ = [
     "PRESETS", "ModelConfig", "DeepSeekV3", "ModelOutput", "KVCache", "count_params",
     "TrainConfig", "train", "evaluate", "History", "save_checkpoint", "load_checkpoint",
-    "generate", "stream", "Generation",
-    "export_hf",
+    "generate", "stream", "Generation", "generate_tokens",
+    "export_hf", "from_hf", "kernels",
 ]
 __version__ = "0.1.0"
+
+kernels.load()  # the fast paths register themselves with the reference (dsv3.kernels.disabled() turns them off)

@@ -1,9 +1,11 @@
 """Command line: `python -m dsv3 <command> ...`.
 
 Commands:
-  info       a preset's config, parameter counts (total / active per token) and KV-cache size
+  info       a preset's (or a transformers folder's) config, parameter counts (total / active per token),
+             KV-cache size and weight memory
   train      phase 1 on a preset, or phase 2 with --resume (also under torchrun for data parallelism)
-  generate   continue a prompt from a checkpoint (latent-cache decoding, sampling, streaming)
+  generate   continue a prompt from a checkpoint or a transformers folder (latent-cache decoding, sampling,
+             streaming)
   export-hf  write a checkpoint as a Hugging Face transformers model folder
   bench      benchmark training and decoding against transformers and the machine's peak
 Each command's arguments are listed by `python -m dsv3 <command> --help`.
@@ -22,27 +24,36 @@ def cmd_info(args) -> int:
     from .config import ModelConfig
     from .model import DeepSeekV3, count_params
 
-    cfg = ModelConfig.preset(args.preset)
+    if args.hf is not None:
+        from .hf import hf_model_config
+
+        cfg, name = hf_model_config(args.hf), f"hf {args.hf}"
+    else:
+        cfg, name = ModelConfig.preset(args.preset), f"preset {args.preset}"
     with torch.device("meta"):  # shapes only: no memory, no init time
         model = DeepSeekV3(cfg)
     counts = count_params(model)
     cache = {"cache_values_per_token_per_layer": cfg.cache_values_per_token,
-             "cache_bytes_per_token_bf16": cfg.cache_values_per_token * cfg.n_layers * 2}
+             "cache_bytes_per_token_bf16": cfg.cache_values_per_token * cfg.n_layers * 2,
+             "weight_bytes_bf16": 2 * counts["total"]}
     if args.json:
-        print(json.dumps({"preset": args.preset, "config": cfg.to_dict(), "params": counts, **cache}, indent=2))
+        source = {"hf": str(args.hf)} if args.hf is not None else {"preset": args.preset}
+        print(json.dumps({**source, "config": cfg.to_dict(), "params": counts, **cache}, indent=2))
         return 0
-    print(f"preset {args.preset}")
+    print(name)
     for title, values in cfg.sections().items():  # only the fields that apply to this architecture
         print(f"  {title}")
         for k, v in values.items():
-            print(f"    {k:<20} {v}")
+            print(f"    {k:<24} {v}")
     print("parameters")
     for k, v in counts.items():
-        print(f"  {k:<22} {v:>13,}")
-    print(f"  {'active share':<22} {counts['active'] / counts['total']:>13.1%}")
+        print(f"  {k:<26} {v:>13,}")
+    print(f"  {'active share':<26} {counts['active'] / counts['total']:>13.1%}")
     print("kv cache")
-    print(f"  {'values/token/layer':<22} {cache['cache_values_per_token_per_layer']:>13,}")
-    print(f"  {'bytes/token (bf16)':<22} {cache['cache_bytes_per_token_bf16']:>13,}")
+    print(f"  {'values/token/layer':<26} {cache['cache_values_per_token_per_layer']:>13,}")
+    print(f"  {'bytes/token (bf16)':<26} {cache['cache_bytes_per_token_bf16']:>13,}")
+    print("weights")
+    print(f"  {'bytes (bf16)':<26} {cache['weight_bytes_bf16']:>13,}  ({cache['weight_bytes_bf16'] / 2**30:.1f} GiB)")
     return 0
 
 
@@ -67,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = lambda *a, **k: _add_parser(*a, formatter_class=HelpFormatter, **k)
     p = sub.add_parser("info", help="print a preset's config and parameter counts")
     p.add_argument("--preset", default="174m", choices=list(PRESETS), help="model preset")
+    p.add_argument("--hf", metavar="PATH", default=None, help="a transformers model folder instead of a preset "
+                   "(its config.json is enough) (default: none, use --preset)")
     p.add_argument("--json", action="store_true", help="machine-readable output (the full config)")
     p.set_defaults(func=cmd_info)
     from .train import add_cli_args, cmd_train
@@ -98,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_kernels", False):
+        from . import kernels
+
+        kernels.set_enabled(False)  # the reference model for this whole run
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

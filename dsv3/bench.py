@@ -2,13 +2,14 @@
 
   matmul   -- the machine's peak: large square GEMMs and the model's own GEMM shapes, fp32 and bf16
   train    -- training-step tokens/s, achieved FLOP/s and fraction of peak for `tiny` and `174m`, fp32 and
-              bf16 autocast, side by side with transformers' DeepseekV3ForCausalLM holding the same weights
-              (on the CPU the peak is the faster of `matmul`'s and a square GEMM timed between the steps)
-  dispatch -- MoE grouped dispatch vs a naive loop over experts with boolean masks (174m layer shape)
-  decode   -- greedy decoding (batch 1, prompt 32, 128 new): absorbed latent cache (eager and with the step
-              compiled), naive latent cache, no cache, transformers `generate`; tokens/s, cache bytes per
-              token per layer, fraction of the memory-bandwidth floor (active weight bytes per token /
-              measured bandwidth)
+              bf16 autocast, dsv3 with its kernels on and off ("reference"), side by side with transformers'
+              DeepseekV3ForCausalLM holding the same weights (on the CPU the peak is the faster of `matmul`'s
+              and a square GEMM timed between the steps)
+  dispatch -- MoE sorted, grouped dispatch (the kernel) vs the reference loop over experts (174m layer shape)
+  decode   -- greedy decoding (batch 1, prompt 32, 128 new): absorbed latent cache (eager, with the step
+              compiled, and with the kernels off), naive latent cache, no cache, transformers `generate`;
+              tokens/s, cache bytes per token per layer, fraction of the memory-bandwidth floor (active weight
+              bytes per token / measured bandwidth)
   memory   -- peak RSS of a process running 174m training steps (one subprocess per variant)
 
 Interleaving: each repetition runs every variant once (in a rotating order) so machine drift hits all
@@ -38,6 +39,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .config import ModelConfig
 from .model import DeepSeekV3, count_params
 from .moe import MoE
@@ -193,9 +195,10 @@ def _hf_loss(model, x, y):
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
 
-def make_step(model, x, y, precision: str, hf: bool = False, compile: bool = False):
+def make_step(model, x, y, precision: str, hf: bool = False, compile: bool = False, reference: bool = False):
     """One optimizer step (forward, backward, AdamW) as a closure; both models use the same fused AdamW.
-    Ours computes the loss with the fused chunked head + cross-entropy (return_logits=False), as the trainer does."""
+    Ours computes the loss with return_logits=False, as the trainer does; reference=True runs it with the
+    kernels off (`dsv3.kernels.disabled()`): the plain PyTorch model."""
     if compile:  # a copy with its blocks compiled (regional, as the trainer does); the eager original stays eager
         model = copy.deepcopy(model)
         model.compile_blocks()
@@ -203,12 +206,14 @@ def make_step(model, x, y, precision: str, hf: bool = False, compile: bool = Fal
     device = x.device.type
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     amp = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    switch = kernels.disabled if reference else nullcontext
     loss_fn = (lambda: _hf_loss(model, x, y)) if hf else (lambda: model(x, y, return_logits=False).loss)
 
     def step():
-        with amp:
-            loss = loss_fn()
-        loss.backward()
+        with switch():
+            with amp:
+                loss = loss_fn()
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if not hf:
@@ -220,7 +225,8 @@ def make_step(model, x, y, precision: str, hf: bool = False, compile: bool = Fal
 
 # --- 2/3. training step -------------------------------------------------------------------------------
 def bench_train(presets, precisions, hf: bool, reps: int, peaks: dict, device: str = "cpu",
-                compile: bool = False, shapes: dict | None = None) -> dict:
+                compile: bool = False, shapes: dict | None = None, reference: bool = True) -> dict:
+    """Training steps of dsv3 (kernels on), its reference (kernels off) and transformers' twin, interleaved."""
     out = {}
     for preset in presets:
         B, T = (shapes or TRAIN_SHAPES)[preset]
@@ -238,6 +244,8 @@ def bench_train(presets, precisions, hf: bool, reps: int, peaks: dict, device: s
         fns = {}
         for prec in precisions:
             fns[f"dsv3/{prec}"] = make_step(ours, x, y, prec)
+            if reference:
+                fns[f"reference/{prec}"] = make_step(ours, x, y, prec, reference=True)
             if compile:
                 fns[f"dsv3+compile/{prec}"] = make_step(ours, x, y, prec, compile=True)
             if theirs is not None:
@@ -265,7 +273,7 @@ def bench_train(presets, precisions, hf: bool, reps: int, peaks: dict, device: s
             row["variants"][name] = {"step_s": r["median"], "tokens_per_s": tps, "gflops": achieved,
                                      "fraction_of_peak": achieved / peak if peak else None, "spread": r["spread"]}
         v = row["variants"]
-        for name in [n for n in v if n.startswith("dsv3")]:  # eager and compiled
+        for name in [n for n in v if n.startswith(("dsv3", "reference"))]:  # eager, compiled, reference
             prec = name.split("/")[1]
             if f"hf/{prec}" in v:
                 v[name]["vs_hf"] = v[name]["tokens_per_s"] / v[f"hf/{prec}"]["tokens_per_s"]
@@ -278,24 +286,6 @@ def bench_train(presets, precisions, hf: bool, reps: int, peaks: dict, device: s
 
 
 # --- 4. MoE dispatch ----------------------------------------------------------------------------------
-def naive_dispatch(m: MoE, x: torch.Tensor) -> torch.Tensor:
-    """Reference MoE forward: loop over experts, a boolean mask over all tokens each (eq. 12)."""
-    gates, indices, _, _ = m.gate(x)
-    e = m.experts
-    y = torch.zeros_like(x)
-    for i in range(e.w1.shape[0]):
-        hit = indices == i  # (tokens, k)
-        rows = hit.any(dim=-1)
-        if not rows.any():
-            continue
-        xe = x[rows]
-        g = (gates * hit).sum(-1)[rows].unsqueeze(-1)
-        y[rows] += g * ((F.silu(xe @ e.w1[i]) * (xe @ e.w3[i])) @ e.w2[i])
-    if m.shared_experts is not None:
-        y = y + m.shared_experts(x)
-    return y
-
-
 def bench_dispatch(reps: int, tokens: int = 512) -> dict:
     cfg = bench_config("174m")
     torch.manual_seed(0)
@@ -307,12 +297,15 @@ def bench_dispatch(reps: int, tokens: int = 512) -> dict:
     def grouped():
         m(x.unsqueeze(0))[0].sum().backward()
 
-    def naive():
-        naive_dispatch(m, x).sum().backward()
+    def naive():  # the reference: one expert at a time, on the tokens that chose it
+        with kernels.disabled():
+            m(x.unsqueeze(0))[0].sum().backward()
 
     res = interleaved({"grouped": grouped, "naive": naive}, reps=reps)
     with torch.no_grad():
-        diff = (m(x.unsqueeze(0))[0].squeeze(0) - naive_dispatch(m, x)).abs().max().item()
+        y = m(x.unsqueeze(0))[0]
+        with kernels.disabled():
+            diff = (y - m(x.unsqueeze(0))[0]).abs().max().item()
     return {"tokens": tokens, "dim": cfg.dim, "experts": cfg.n_routed_experts, "top_k": cfg.n_activated_experts,
             "inter_dim": cfg.moe_inter_dim, "grouped_ms": 1e3 * res["grouped"]["median"],
             "naive_ms": 1e3 * res["naive"]["median"], "speedup": res["naive"]["median"] / res["grouped"]["median"],
@@ -361,19 +354,26 @@ def _hf_cache_bytes_per_token_layer(theirs, prompt, new: int) -> int | None:
 
 
 def bench_decode(presets, hf: bool, reps: int, bandwidth_gbs: float, prompt_len: int = 32, new: int = 128,
-                 no_cache_reps: int = 1) -> dict:
+                 no_cache_reps: int = 1, reference: bool = True) -> dict:
     out = {}
     for preset in presets:
-        out[preset] = _decode_preset(preset, hf, reps, bandwidth_gbs, prompt_len, new, no_cache_reps)
+        out[preset] = _decode_preset(preset, hf, reps, bandwidth_gbs, prompt_len, new, no_cache_reps, reference)
         gc.collect()
     return out
 
 
-def _decode_preset(preset, hf, reps, bandwidth_gbs, prompt_len, new, no_cache_reps) -> dict:
+def _decode_preset(preset, hf, reps, bandwidth_gbs, prompt_len, new, no_cache_reps, reference=True) -> dict:
     ours, theirs = build_pair(preset, hf)
     cfg = ours.cfg
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(2))
     fns = {m: (lambda m=m: greedy(ours, prompt, new, m)) for m in ("absorbed", "absorbed+compile", "naive")}
+
+    def reference_greedy():  # absorbed cache, kernels off
+        with kernels.disabled():
+            return greedy(ours, prompt, new, "absorbed")
+
+    if reference:
+        fns["reference"] = reference_greedy
     if no_cache_reps:
         fns["no_cache"] = lambda: greedy(ours, prompt, new, "none")
     if theirs is not None:
@@ -386,13 +386,16 @@ def _decode_preset(preset, hf, reps, bandwidth_gbs, prompt_len, new, no_cache_re
         same = {"absorbed+compile": torch.equal(ref, greedy(ours, prompt, new, "absorbed+compile"))}
         first_compiled_s = time.perf_counter() - t
         same["naive"] = torch.equal(ref, greedy(ours, prompt, new, "naive"))
+        if reference:
+            same["reference"] = torch.equal(ref, reference_greedy())
         if theirs is not None:
             same["hf_generate"] = torch.equal(ref, fns["hf_generate"]())
     res = interleaved(fns, reps=reps, warmup=0, cap={"no_cache": no_cache_reps})
     active = count_params(ours)["active"]
     floor = bandwidth_gbs * 1e9 / (active * ours.embed.weight.element_size())
     per_layer = cfg.cache_values_per_token * ours.embed.weight.element_size()
-    cache_bytes = {"absorbed": per_layer, "absorbed+compile": per_layer, "naive": per_layer, "no_cache": 0}
+    cache_bytes = {"absorbed": per_layer, "absorbed+compile": per_layer, "naive": per_layer, "reference": per_layer,
+                   "no_cache": 0}
     if theirs is not None:
         with torch.no_grad():
             cache_bytes["hf_generate"] = _hf_cache_bytes_per_token_layer(theirs, prompt, new)
@@ -452,10 +455,13 @@ SECTIONS = ("matmul", "train", "dispatch", "decode", "memory")
 
 def run(quick: bool = False, hf: bool = True, sections: tuple[str, ...] = SECTIONS, log=print, device: str = "cpu",
         compile: bool = False, presets: tuple[str, ...] | None = None, shape: tuple[int, int] | None = None,
-        precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict:
-    """Run the benchmark; returns the results dict (what --json prints)."""
+        precisions: tuple[str, ...] = ("fp32", "bf16"), reference: bool = True) -> dict:
+    """Run the benchmark; returns the results dict (what --json prints). reference: also time dsv3 with its
+    kernels off (`dsv3.kernels.disabled()`), in the same interleaved rounds."""
+    reference = reference and kernels.enabled()  # with the kernels off (--no-kernels), dsv3 is the reference
     t0 = time.perf_counter()
     res = {"machine": machine(), "quick": quick, "device": device, "bench_overrides": BENCH_OVERRIDES,
+           "kernels": kernels.enabled(),
            "train_optimizer": "torch.optim.AdamW(fused=True), both models"}
     try:
         import transformers  # noqa: F401
@@ -474,7 +480,8 @@ def run(quick: bool = False, hf: bool = True, sections: tuple[str, ...] = SECTIO
         for p in presets:  # the 174m step takes seconds on a CPU: fewer rounds; a GPU step, tens of ms
             reps = 10 if device == "cuda" else 3 if quick else 5 if p != "tiny" else 9
             res["train"].update(bench_train((p,), precisions, hf, reps=reps,
-                                            peaks=peaks, device=device, compile=compile, shapes=shapes))
+                                            peaks=peaks, device=device, compile=compile, shapes=shapes,
+                                            reference=reference))
     if "dispatch" in sections and device == "cpu":
         log("MoE dispatch ...")
         res["dispatch"] = bench_dispatch(reps=5 if quick else 9)
@@ -483,7 +490,8 @@ def run(quick: bool = False, hf: bool = True, sections: tuple[str, ...] = SECTIO
         res["decode"] = {}
         for p in presets:
             res["decode"].update(bench_decode((p,), hf, reps=1 if quick else 3 if p == "tiny" else 2,
-                                              bandwidth_gbs=res.get("bandwidth_gbs", 19.5), no_cache_reps=1))
+                                              bandwidth_gbs=res.get("bandwidth_gbs", 19.5), no_cache_reps=1,
+                                              reference=reference))
     if "memory" in sections and not quick and device == "cpu":
         log("peak memory ...")
         variants = [("174m", "fp32", "dsv3"), ("174m", "bf16", "dsv3")] + ([("174m", "fp32", "hf")] if hf else [])
@@ -520,7 +528,7 @@ def table(res: dict) -> str:
     if "dispatch" in res:
         d = res["dispatch"]
         lines.append(f"MoE dispatch fwd+bwd ({d['tokens']} tokens, {d['experts']} experts top-{d['top_k']}, width "
-                     f"{d['inter_dim']}): grouped {d['grouped_ms']:.1f} ms, naive {d['naive_ms']:.1f} ms, "
+                     f"{d['inter_dim']}): grouped {d['grouped_ms']:.1f} ms, reference loop {d['naive_ms']:.1f} ms, "
                      f"{d['speedup']:.2f}x (max diff {d['max_abs_diff']:.1e}, spread {d['spread']:.0%})")
     for preset, row in res.get("decode", {}).items():
         lines.append(f"decode {preset} (batch 1, prompt {row['prompt']}, {row['new_tokens']} new, greedy; "
@@ -558,7 +566,8 @@ def plot(res: dict, path: str) -> None:
                        label="bandwidth floor (fp32)")
             ax.legend(fontsize=7)
             ax.set_title(f"greedy decoding {preset}")
-        colors = ["tab:orange" if k.startswith("hf") else "tab:blue" for k in items]
+        colors = ["tab:orange" if k.startswith("hf") else "tab:gray" if k.startswith("reference") else "tab:blue"
+                  for k in items]
         ax.bar(list(items), list(items.values()), color=colors)
         ax.set_ylabel("tokens/s")
         ax.tick_params(axis="x", rotation=30, labelsize=8)
@@ -584,6 +593,8 @@ def add_cli_args(p) -> None:
     p.add_argument("--shape", help="training batch x seq for every preset, e.g. 16x1024 (default: per preset)")
     p.add_argument("--precisions", default="fp32,bf16", help="training precisions: fp32 and/or bf16 (autocast)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference columns (dsv3 with kernels off)")
+    p.add_argument("--no-kernels", action="store_true", help="time dsv3 with its kernels off (the reference)")
     p.add_argument("--out", help="also write the JSON results to this file (default: none)")
     p.add_argument("--figure", help="also draw the bar charts to this image file, e.g. figures/benchmark.png "
                    "(default: none)")
@@ -614,7 +625,7 @@ def cmd_bench(args) -> int:
     if not precisions or set(precisions) - {"fp32", "bf16"}:
         raise ValueError(f"--precisions must be fp32, bf16 or fp32,bf16, got {args.precisions!r}")
     res = run(quick=args.quick, hf=not args.no_hf, sections=sections, device=args.device, compile=args.compile,
-              presets=presets, shape=shape, precisions=precisions,
+              presets=presets, shape=shape, precisions=precisions, reference=not args.no_reference,
               log=(lambda msg: print(msg, file=sys.stderr)) if args.json else print)
     if args.out:
         with open(args.out, "w") as f:

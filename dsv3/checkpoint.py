@@ -15,6 +15,7 @@ Does not know how training works; it stores what the trainer hands it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -234,7 +235,9 @@ def load_weights(model: DeepSeekV3, ckpt: str | os.PathLike) -> None:
     """Load model.safetensors of `ckpt` into `model`; configs must match."""
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
-    theirs, ours = meta["config"], model.cfg.to_dict()
+    # a field added to ModelConfig after the checkpoint was written takes its default (which keeps the old model)
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    theirs, ours = {**defaults, **meta["config"]}, model.cfg.to_dict()
     diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if diff:
         detail = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs model {ours.get(k)!r}" for k in diff)

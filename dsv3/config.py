@@ -59,6 +59,7 @@ class ModelConfig:
     n_expert_groups: int = 1  # group-limited routing: experts are split into this many groups
     n_limited_groups: int = 1  # ... and each token picks its top-k among this many groups
     score_func: str = "softmax"  # router affinity: "softmax" (V2) or "sigmoid" (V3)
+    group_score: str = "top2"  # a group's rank: "top2" = sum of its two best biased scores (V3), "max" = its best (V2)
     norm_topk_prob: bool | None = None  # renormalise top-k gates; None = True for sigmoid, False for softmax
     route_scale: float = 1.0  # gates are multiplied by this (routed_scaling_factor)
     aux_loss_coef: float = 1e-3  # alpha of the expert-balance loss (0 = off)
@@ -67,7 +68,15 @@ class ModelConfig:
     # --- positions, norms, init ---
     max_seq_len: int = 1024  # longest sequence (RoPE table and cache length)
     rope_theta: float = 10000.0  # RoPE base frequency
+    # YaRN context extension (Peng et al. 2023; DeepSeek-V2 §3.1): yarn_factor 1 = plain RoPE
+    yarn_factor: float = 1.0  # s: the context is stretched s times past yarn_original_max_seq_len
+    yarn_original_max_seq_len: int = 4096  # the pretraining context the frequencies were fitted to
+    yarn_beta_fast: float = 32.0  # dims rotating more than this many times in that context keep their frequency
+    yarn_beta_slow: float = 1.0  # dims rotating fewer times are fully interpolated (divided by s)
+    yarn_mscale: float = 1.0  # the rope tables are scaled by mscale(s, yarn_mscale) / mscale(s, yarn_mscale_all_dim)
+    yarn_mscale_all_dim: float = 0.0  # and the softmax scale by mscale(s, yarn_mscale_all_dim)^2 (0 = not)
     norm_eps: float = 1e-5  # RMSNorm epsilon
+    latent_norm_eps: float | None = None  # epsilon of MLA's latent norms (c_kv, c_q); None = norm_eps (DeepSeek: 1e-6)
     tie_embeddings: bool = True  # output head shares the token embedding matrix
     init_std: float = 0.02  # std of the normal init; residual outputs use init_std / sqrt(2 * n_layers)
 
@@ -127,11 +136,19 @@ class ModelConfig:
             )
             need(self.score_func in ("softmax", "sigmoid"),
                  f"score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
+            need(self.group_score in ("top2", "max"), f"group_score must be 'top2' or 'max', got {self.group_score!r}")
             need(self.route_scale > 0, f"route_scale must be > 0, got {self.route_scale}")
             for name in ("aux_loss_coef", "z_loss_coef", "bias_update_speed"):
                 need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.rope_theta > 0 and self.norm_eps > 0 and self.init_std > 0,
              "rope_theta, norm_eps and init_std must be > 0")
+        need(self.latent_norm_eps is None or self.latent_norm_eps > 0,
+             f"latent_norm_eps must be None or > 0, got {self.latent_norm_eps}")
+        need(self.yarn_factor >= 1, f"yarn_factor must be >= 1 (1 = plain RoPE), got {self.yarn_factor}")
+        if self.yarn_factor > 1:
+            need(self.yarn_original_max_seq_len >= 1,
+                 f"yarn_original_max_seq_len must be >= 1, got {self.yarn_original_max_seq_len}")
+            need(self.yarn_beta_fast > 0 and self.yarn_beta_slow > 0, "yarn_beta_fast and yarn_beta_slow must be > 0")
 
     # --- derived values ---
     @property
@@ -164,16 +181,20 @@ class ModelConfig:
         names = {f.name for f in fields(self)}
         groups = {
             "trunk": ["vocab_size", "dim", "n_layers", "n_heads", "attn"],
-            "attention (MLA)": ["q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
-            if self.attn == "mla" else [],
+            "attention (MLA)": ["q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                                "latent_norm_eps"] if self.attn == "mla" else [],
             "attention (GQA)": ["n_kv_heads", "head_dim"] if self.attn == "gqa" else [],
             "feed-forward": ["ffn", *(["n_dense_layers"] if self.ffn == "moe" else []),
                              *(["dense_inter_dim"] if self.ffn == "dense" or self.n_dense_layers > 0 else [])],
             "DeepSeekMoE": ["n_routed_experts", "n_shared_experts", "n_activated_experts", "moe_inter_dim",
-                            "n_expert_groups", *(["n_limited_groups"] if self.n_expert_groups > 1 else []),
+                            "n_expert_groups",
+                            *(["n_limited_groups", "group_score"] if self.n_expert_groups > 1 else []),
                             "score_func", "norm_topk_prob", "route_scale", "aux_loss_coef", "z_loss_coef",
                             "bias_update_speed"] if self.has_moe else [],
-            "positions, norms, init": ["max_seq_len", "rope_theta", "norm_eps", "tie_embeddings", "init_std"],
+            "positions, norms, init": ["max_seq_len", "rope_theta", "yarn_factor",
+                                       *([f.name for f in fields(self) if f.name.startswith("yarn_") and
+                                          f.name != "yarn_factor"] if self.yarn_factor != 1 else []),
+                                       "norm_eps", "tie_embeddings", "init_std"],
         }
         assert {n for g in groups.values() for n in g} <= names
         return {title: {n: getattr(self, n) for n in group} for title, group in groups.items() if group}

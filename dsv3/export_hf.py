@@ -4,13 +4,14 @@ no custom code; `cmd_export_hf` is `python -m dsv3 export-hf --checkpoint PATH -
 
 Which class (`hf_architecture`):
   MLA + sigmoid-scored MoE  -> DeepseekV3ForCausalLM (our gate bias = e_score_correction_bias, selection only)
-  MLA + softmax-scored MoE  -> DeepseekV2ForCausalLM (topk_method="greedy": softmax, top-k, no renormalisation)
+  MLA + softmax-scored MoE  -> DeepseekV2ForCausalLM (topk_method="greedy": softmax, top-k, no renormalisation;
+                               "group_limited_greedy" with group_score="max")
   MLA + dense SwiGLU only   -> DeepseekV3ForCausalLM with every layer dense (first_k_dense_replace = n_layers)
   GQA + dense SwiGLU        -> LlamaForCausalLM
 Anything one of these classes cannot compute exactly is refused with a ValueError naming the setting
 (`unsupported_settings`); the export never writes a model that computes something else. Refused today:
-GQA + MoE; and with softmax scoring: norm_topk_prob=True, group-limited routing that drops groups
-(n_limited_groups < n_expert_groups, several experts per group), a router bias that differs between
+GQA + MoE; YaRN with GQA; and with softmax scoring: norm_topk_prob=True, group-limited routing that drops groups
+ranked by their top two (group_score="top2"; sigmoid scoring: "max"), a router bias that differs between
 experts. Training-only settings (aux/z-loss coefficients, bias_update_speed) do not matter.
 
 Weight rewrites (all exact):
@@ -19,14 +20,16 @@ Weight rewrites (all exact):
                   adjacent dims. Permuting the rope rows of q and k_pe to [0, d/2, 1, d/2+1, ...] makes the
                   pairs line up; the attention score is a dot product, so the order it sees does not matter.
   latent norms -- transformers builds kv_a_layernorm / q_a_layernorm with a fixed eps of 1e-6, we use
-                  norm_eps. RMSNorm(s x; eps') = RMSNorm(x; eps'/s^2), so scaling the rows that produce
-                  c_kv (and c_q) by s = sqrt(1e-6 / norm_eps) gives our eps exactly.
+                  norm_eps (or latent_norm_eps). RMSNorm(s x; eps') = RMSNorm(x; eps'/s^2), so scaling the rows
+                  that produce c_kv (and c_q) by s = sqrt(1e-6 / norm_eps) gives our eps. fl(x s) loses bits, so
+                  those tensors are written one precision wider (fp32 -> fp64), and config.json carries our own
+                  config (`dsv3_config`, also the training-only fields): `dsv3.from_hf` undoes the rescale exactly.
   experts      -- our stacked w1/w3 (N, dim, inter), w2 (N, inter, dim) become the per-expert
                   gate_proj/up_proj/down_proj matrices of DeepSeek's own checkpoints (transformers fuses them
                   on load; other serving stacks read the same names).
 Deliberately not here: tokenizer files (we use tiktoken's r50k_base; point users at the GPT-2 tokenizer),
-multi-token-prediction heads (we have none), dtype conversion (tensors keep the model's dtype), and
-importing Hugging Face checkpoints back. `transformers` is optional: imported only inside functions.
+multi-token-prediction heads (we have none), dtype conversion (tensors keep the model's dtype, but for the
+rescaled latent rows). Importing is `dsv3/hf.py`. `transformers` is optional: imported only inside functions.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from .model import DeepSeekV3
 
 EOT = 50256  # <|endoftext|> of r50k_base: bos and eos of the exported model
 HF_LATENT_NORM_EPS = 1e-6  # eps transformers gives DeepseekV2/V3's kv_a_layernorm and q_a_layernorm
+WIDER = {torch.float32: torch.float64, torch.bfloat16: torch.float32, torch.float16: torch.float32}
 
 
 def _require_transformers():
@@ -70,6 +74,10 @@ def hf_architecture(cfg: ModelConfig) -> str:
 def unsupported_settings(model: DeepSeekV3) -> list[str]:
     """Settings of this model that the target transformers class cannot compute exactly (empty = exportable)."""
     cfg, bad = model.cfg, []
+    if cfg.yarn_factor > 1 and cfg.attn == "gqa":
+        bad.append("yarn_factor > 1 with attn='gqa': YaRN is exported for MLA (DeepSeek) models only")
+    if cfg.has_moe and cfg.score_func == "sigmoid" and cfg.group_score == "max" and not _groups_noop(cfg):
+        bad.append("group_score='max' with score_func='sigmoid': DeepseekV3 ranks a group by the sum of its top two")
     if cfg.attn == "gqa":
         if cfg.has_moe:
             bad.append("attn='gqa' with ffn='moe': no transformers class combines LLaMA attention with "
@@ -81,10 +89,10 @@ def unsupported_settings(model: DeepSeekV3) -> list[str]:
     if cfg.topk_norm:
         bad.append("norm_topk_prob=True with score_func='softmax': DeepseekV2 never renormalises the top-k "
                    "gates (use score_func='sigmoid' for DeepseekV3, or norm_topk_prob=False)")
-    if not _groups_noop(cfg):
+    if not _groups_noop(cfg) and cfg.group_score != "max":
         bad.append(f"n_expert_groups={cfg.n_expert_groups}, n_limited_groups={cfg.n_limited_groups} with "
                    "score_func='softmax': DeepseekV2's group_limited_greedy ranks a group by its best expert, "
-                   "ours by the sum of its top two (use score_func='sigmoid' for DeepseekV3)")
+                   "ours by the sum of its top two (use group_score='max', or score_func='sigmoid' for DeepseekV3)")
     for i, m in enumerate(model.moe_layers()):
         b = m.gate.bias
         if not torch.all(b == b[0]):  # a constant shift of every score does not change the selection
@@ -107,7 +115,7 @@ def hf_config(model: DeepSeekV3):
     common = dict(
         architectures=[arch], vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, hidden_act="silu",
+        rope_parameters=_rope_parameters(cfg), hidden_act="silu", dsv3_config=cfg.to_dict(),
         tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, bos_token_id=eot, eos_token_id=eot,
         initializer_range=cfg.init_std, dtype=str(model.embed.weight.dtype).removeprefix("torch."),
     )
@@ -126,9 +134,18 @@ def hf_config(model: DeepSeekV3):
         moe_layer_freq=1,  # read by other serving stacks (DeepSeek's own config field)
     )
     if arch == "DeepseekV2ForCausalLM":
-        return transformers.DeepseekV2Config(**common, **mla, topk_method="greedy", scoring_func="softmax")
+        topk_method = "greedy" if _groups_noop(cfg) else "group_limited_greedy"
+        return transformers.DeepseekV2Config(**common, **mla, topk_method=topk_method, scoring_func="softmax")
     return transformers.DeepseekV3Config(**common, **mla, rope_interleave=True, num_mtp_layers=0,
                                          topk_method="noaux_tc", scoring_func="sigmoid")
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    if cfg.yarn_factor == 1:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.yarn_factor,
+            "original_max_position_embeddings": cfg.yarn_original_max_seq_len, "beta_fast": cfg.yarn_beta_fast,
+            "beta_slow": cfg.yarn_beta_slow, "mscale": cfg.yarn_mscale, "mscale_all_dim": cfg.yarn_mscale_all_dim}
 
 
 def _rope_perm(d: int) -> torch.Tensor:
@@ -144,7 +161,10 @@ def hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
         sd["lm_head.weight"] = model.head.weight
     if cfg.attn == "mla":
         perm = _rope_perm(cfg.qk_rope_head_dim)
-        s = math.sqrt(HF_LATENT_NORM_EPS / cfg.norm_eps)
+        s = math.sqrt(HF_LATENT_NORM_EPS / (cfg.latent_norm_eps or cfg.norm_eps))
+
+        def wide(w):  # rescaled rows are written one precision wider, so that from_hf undoes the rescale exactly
+            return w if s == 1 else w.to(WIDER.get(w.dtype, w.dtype))
 
         def q_rows(w):  # (H * (nope + rope), in): permute each head's rope rows
             w = w.view(cfg.n_heads, cfg.qk_head_dim, -1)
@@ -161,11 +181,11 @@ def hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
             if cfg.q_lora_rank == 0:
                 sd[p + "self_attn.q_proj.weight"] = q_rows(a.wq.weight)
             else:
-                sd[p + "self_attn.q_a_proj.weight"] = a.wq_a.weight * s
+                sd[p + "self_attn.q_a_proj.weight"] = wide(a.wq_a.weight) * s
                 sd[p + "self_attn.q_a_layernorm.weight"] = a.q_norm.weight
                 sd[p + "self_attn.q_b_proj.weight"] = q_rows(a.wq_b.weight)
             c_kv, k_pe = a.wkv_a.weight.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim])
-            sd[p + "self_attn.kv_a_proj_with_mqa.weight"] = torch.cat([c_kv * s, k_pe[perm]])
+            sd[p + "self_attn.kv_a_proj_with_mqa.weight"] = torch.cat([wide(c_kv) * s, wide(k_pe[perm])])
             sd[p + "self_attn.kv_a_layernorm.weight"] = a.kv_norm.weight
             sd[p + "self_attn.kv_b_proj.weight"] = a.wkv_b.weight
             sd[p + "self_attn.o_proj.weight"] = a.wo.weight

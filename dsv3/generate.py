@@ -14,6 +14,8 @@ prompt + max_new_tokens positions. Prompts longer than max_seq_len are refused, 
 compile=True (absorbed cache) runs each one-token step through `DeepSeekV3.decode_step` compiled with
 torch.compile: the first call compiles, later ones decode faster than the eager step (`python -m dsv3 bench`,
 section decode, prints both and the first compiled run's time).
+Text in and out goes through the model's tokenizer: GPT-2's r50k_base for dsv3's own models, an imported
+checkpoint's tokenizer.json (`dsv3.from_hf`), whose prompts start with its bos id and end at its eos id.
 Randomness comes only from a `torch.Generator` (the `seed` argument), never from the global RNG.
 `dsv3.generate` is the function (the package exports it over this module's name): reach the rest
 with `from dsv3.generate import generate_tokens, sample`.
@@ -45,7 +47,7 @@ class Generation:
     tokens: list[int]  # prompt ids, then the generated ids (a final <|endoftext|> is not included)
     n_prompt: int  # how many of `tokens` are the prompt (an empty prompt is the one token <|endoftext|>)
     token_texts: list[str]  # per token, the text it completes ('' while a UTF-8 character is still partial)
-    finish_reason: str  # "eot" (<|endoftext|>), "stop" (a stop string) or "length" (max_new_tokens)
+    finish_reason: str  # "eot" (<|endoftext|>), "stop" (a stop string), "length" (max_new_tokens) or "cancelled"
     expert_ids: torch.Tensor | None = None  # (n_moe_layers, len(tokens), top-k) routed expert ids, int64
     gates: torch.Tensor | None = None  # (n_moe_layers, len(tokens), top-k) their gate weights g_i,t (fp32)
 
@@ -220,14 +222,16 @@ class _Row:
     token_texts: list[str] = field(default_factory=list)
     text: str = ""
     finish: str | None = None
+    enc: object = None  # the tokenizer (`_text_codec`); None = GPT-2's
+    eot: int = EOT  # the id that ends the text
 
     def __post_init__(self):
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps a partial character
-        self.enc = get_tokenizer()
+        self.enc = self.enc or get_tokenizer()
         self.token_texts = [self.utf8.decode(self.enc.decode_single_token_bytes(t)) for t in self.prompt]
 
     def add(self, token: int) -> None:
-        if token == EOT:
+        if token == self.eot:
             return self.end("eot")
         self.new.append(token)
         piece = self.utf8.decode(self.enc.decode_single_token_bytes(token))
@@ -256,6 +260,19 @@ class _Row:
         return self.text[:len(self.text) - hold]
 
 
+def _text_codec(model):
+    """The tokenizer, the end-of-text id and the id every prompt starts with (None: none) of `model`: GPT-2's
+    r50k_base and <|endoftext|> for dsv3's own models, an imported checkpoint's tokenizer.json (`dsv3.from_hf` sets
+    model.tokenizer) otherwise."""
+    if not hasattr(model, "tokenizer"):
+        return get_tokenizer(), EOT, None
+    if model.tokenizer is None:
+        raise ValueError("this model has no tokenizer (its folder had no tokenizer.json): give token ids to "
+                         "dsv3.generate_tokens instead")
+    tok = model.tokenizer
+    return tok, tok.eot, tok.bos
+
+
 def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, cache, trace, compile):
     """Check everything, tokenize and left-pad; return the rows and the token iterator."""
     _check_sampling(model, temperature, top_k, top_p, cache, compile)
@@ -265,18 +282,20 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, st
         stop = ()
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
         raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
-    enc = get_tokenizer()
-    ids = [enc.encode_ordinary(p) or [EOT] for p in prompts]  # an empty prompt starts from <|endoftext|>
+    enc, eot, bos = _text_codec(model)
+    start = [] if bos is None else [bos]
+    pad = eot if eot is not None else 0
+    ids = [start + enc.encode_ordinary(p) or [pad] for p in prompts]  # an empty prompt starts from <|endoftext|>
     P = max(map(len, ids))
     _check_length(model, P, max_new_tokens)
-    tokens = torch.full((len(ids), P), EOT, dtype=torch.long)
+    tokens = torch.full((len(ids), P), pad, dtype=torch.long)
     key_mask = torch.zeros(len(ids), P, dtype=torch.bool)
     for i, row in enumerate(ids):  # left padding: every prompt ends at position P - 1
         tokens[i, P - len(row):] = torch.tensor(row)
         key_mask[i, P - len(row):] = True
     steps = generate_tokens(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, cache=cache, key_mask=key_mask, trace=trace, compile=compile)
-    return [_Row(row, tuple(stop)) for row in ids], steps
+    return [_Row(row, tuple(stop), enc=enc, eot=eot) for row in ids], steps
 
 
 def _drive(rows: list[_Row], steps, max_new_tokens: int) -> Iterator[list[_Row]]:
@@ -299,7 +318,7 @@ def _drive(rows: list[_Row], steps, max_new_tokens: int) -> Iterator[list[_Row]]
 def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 200, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | torch.Generator | None = None,
              stop: str | list[str] | None = None, cache: str = "absorbed", return_trace: bool = False,
-             on_text=None, compile: bool = False):
+             on_text=None, compile: bool = False, cancel=None):
     """Continue `prompt` (a string, or a list of strings generated together as one left-padded batch).
 
     Stops at <|endoftext|>, at the first of the `stop` strings (cut from the text) or after
@@ -310,6 +329,8 @@ def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 2
     `Generation` per prompt, holding the token ids, per-token texts and the routing of every token.
     `on_text`, if given, is called after every decoded token with the text so far (a list for a list of
     prompts): the same UTF-8-complete, stop-aware text that `stream` yields, for UIs that also want the trace.
+    `cancel`, if given, is a callable checked after every decoded token: once it returns True the generation
+    ends there (finish_reason "cancelled") and returns what it has, trace included (a UI's Stop button).
     """
     batch = not isinstance(prompt, str)
     prompts = list(prompt) if batch and isinstance(prompt, (list, tuple)) else [prompt]
@@ -321,6 +342,11 @@ def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 2
     for _ in _drive(rows, steps, max_new_tokens):
         if on_text is not None:
             on_text([r.ready() for r in rows] if batch else rows[0].ready())
+        if cancel is not None and cancel():
+            for r in rows:
+                if r.finish is None:
+                    r.end("cancelled")
+            break
     if return_trace:
         next(steps, None)  # route the last sampled tokens too (a no-op if the loop ran to max_new_tokens)
         steps.close()
@@ -374,10 +400,18 @@ def stream(model: DeepSeekV3, prompt: str, max_new_tokens: int = 200, *, tempera
 # --- command line: python -m dsv3 generate ---
 
 def add_cli_args(p) -> None:
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (step_*) or a run folder (its newest)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a checkpoint folder (step_*) or a run folder (its newest)")
+    src.add_argument("--hf", metavar="PATH", help="a transformers model folder (DeepSeek-V2/V3, Llama; dsv3.from_hf)")
     p.add_argument("--best", action="store_true",
-                   help="the run's best checkpoint (lowest validation loss, RUN/best) instead of its newest")
+                   help="with --checkpoint: the run's best checkpoint (lowest validation loss, RUN/best), not its "
+                   "newest")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="with --hf: the weights' dtype (default: the folder's own)")
     p.add_argument("--prompt", default="", help="text to continue (default: empty = start from <|endoftext|>)")
+    p.add_argument("--prompt-ids", default=None, metavar="IDS",
+                   help="token ids to continue, comma- or space-separated (instead of --prompt); prints the "
+                        "generated ids, all --max-new-tokens of them (no tokenizer needed) (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -396,6 +430,13 @@ def add_cli_args(p) -> None:
                       help="recompute the whole sequence every step")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (absorbed cache; faster per token after a compile)")
+    p.add_argument("--no-kernels", action="store_true", help="run the plain reference model (dsv3.kernels off)")
+
+
+def _flagged(e: ValueError) -> str:
+    """The message with the parameter it starts with named as its flag: "--top-p must be in (0, 1] ..."."""
+    flags = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+    return SettingError(str(e)).named(lambda n: f"--{n.replace('_', '-')}" if n in flags else None)
 
 
 def cmd_generate(args) -> int:
@@ -408,13 +449,37 @@ def cmd_generate(args) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.dtype is not None and args.hf is None:
+        raise ValueError("--dtype goes with --hf (it sets the dtype of the imported weights)")
+    flag, source = ("--hf", args.hf) if args.hf is not None else ("--checkpoint", args.checkpoint)
     try:
-        model = load_checkpoint(args.checkpoint, map_location=device, best=getattr(args, "best", False))
+        if args.hf is not None:
+            from .hf import from_hf
+
+            model = from_hf(args.hf, dtype=args.dtype, device=device)
+        else:
+            model = load_checkpoint(args.checkpoint, map_location=device, best=getattr(args, "best", False))
     except (ValueError, FileNotFoundError) as e:
-        raise type(e)(f"--checkpoint: {' '.join(str(e).split())}") from None
+        raise type(e)(f"{flag}: {' '.join(str(e).split())}") from None
     except Exception as e:  # unreadable in some other way: still one line, never a stack trace
-        raise ValueError(f"--checkpoint {args.checkpoint}: could not load it ({type(e).__name__}: "
+        raise ValueError(f"{flag} {source}: could not load it ({type(e).__name__}: "
                          f"{' '.join(str(e).split())})") from None
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise ValueError(f"--prompt-ids must be integers separated by commas or spaces, got {args.prompt_ids!r}") \
+                from None
+        if not ids:
+            raise ValueError("--prompt-ids is empty")
+        try:
+            steps = generate_tokens(model, torch.tensor([ids], device=device), args.max_new_tokens,
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                    cache=args.cache, compile=args.compile)
+        except ValueError as e:
+            raise ValueError(_flagged(e)) from None
+        print(" ".join(str(int(t)) for t in steps))
+        return 0
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed, stop=args.stop, cache=args.cache, compile=args.compile)
     try:
@@ -422,10 +487,8 @@ def cmd_generate(args) -> int:
             pieces = stream(model, args.prompt, **kw)  # checks the arguments before printing anything
         else:
             text = generate(model, args.prompt, **kw)
-    except ValueError as e:  # name the flag, not the parameter: "--top-p must be in (0, 1] ..."
-        flags = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
-        raise ValueError(SettingError(str(e)).named(lambda n: f"--{n.replace('_', '-')}" if n in flags else None)
-                         ) from None
+    except ValueError as e:
+        raise ValueError(_flagged(e)) from None
     if args.stream:
         sys.stdout.write(args.prompt)
         for piece in pieces:

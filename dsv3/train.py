@@ -546,6 +546,7 @@ def add_cli_args(p) -> None:
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
                    help="stop, validate and save after this long (default: none)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.add_argument("--no-kernels", action="store_true", help="run the plain reference model (dsv3.kernels off)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="ModelConfig override for phase 1, e.g. --set n_layers=2 (repeatable) (default: none)")
 

@@ -57,6 +57,18 @@ def test_round_trip_is_exact(tmp_path):
     assert torch.equal(model.eval()(x).logits, loaded(x).logits)
 
 
+def test_a_checkpoint_from_before_newer_config_fields_loads(tmp_path):
+    model, _ = trained_model()
+    ckpt = save_checkpoint(tmp_path, model, step=1)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    for k in ("yarn_factor", "yarn_mscale_all_dim", "latent_norm_eps", "group_score"):  # added with dsv3.from_hf
+        del meta["config"][k]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    loaded = dsv3.load_checkpoint(ckpt)
+    assert loaded.cfg == model.cfg
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
 def test_run_folder_keeps_the_newest_k(tmp_path):
     model, _ = trained_model()
     for step in (1, 2, 3, 4):

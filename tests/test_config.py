@@ -82,11 +82,12 @@ def test_info_shows_only_the_fields_that_apply(capsys):
     assert not mla_moe & {"n_kv_heads", "head_dim", "dense_inter_dim", "n_limited_groups"}
     assert {"n_kv_heads", "head_dim", "dense_inter_dim"} <= gqa_dense
     assert not gqa_dense & {"kv_lora_rank", "q_lora_rank", "n_routed_experts", "aux_loss_coef", "n_dense_layers"}
-    cfg = dsv3.ModelConfig.preset("tiny", n_dense_layers=1, n_expert_groups=2, n_limited_groups=1)
+    cfg = dsv3.ModelConfig.preset("tiny", n_dense_layers=1, n_expert_groups=2, n_limited_groups=1, yarn_factor=4.0)
     fields = {k for group in cfg.sections().values() for k in group}
-    assert {"dense_inter_dim", "n_limited_groups"} <= fields
-    all_fields = {k for p in dsv3.PRESETS for g in dsv3.ModelConfig.preset(p).sections().values() for k in g}
-    assert all_fields | {"n_limited_groups"} == set(cfg.to_dict())  # every field shows where it applies
+    assert {"dense_inter_dim", "n_limited_groups", "group_score", "yarn_beta_fast"} <= fields
+    assert "yarn_beta_fast" not in {k for g in dsv3.ModelConfig.preset("tiny").sections().values() for k in g}
+    gqa = {k for g in dsv3.ModelConfig.preset("smollm2-135m").sections().values() for k in g}
+    assert fields | gqa == set(cfg.to_dict())  # every field shows where it applies
 
 
 def test_help_shows_every_default():
@@ -96,8 +97,9 @@ def test_help_shows_every_default():
     assert set(sub.choices) >= {"info", "train", "generate", "export-hf", "bench"}
     for name, p in sub.choices.items():
         assert p.formatter_class is HelpFormatter
+        required = {a for g in p._mutually_exclusive_groups if g.required for a in g._group_actions}
         for a in p._actions:
-            if a.option_strings and not a.required and a.nargs != 0 and a.dest != "help":
+            if a.option_strings and not a.required and a not in required and a.nargs != 0 and a.dest != "help":
                 text = HelpFormatter(name)._get_help_string(a)
                 assert "default" in text, f"{name} {a.option_strings[0]}: {text}"
         assert "(default: " in p.format_help() or name == "export-hf"  # (it has required options only)

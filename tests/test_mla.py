@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import small_cfg
 
 import dsv3
@@ -17,7 +16,12 @@ def reference_mla(attn: MLA, x: torch.Tensor, cfg) -> torch.Tensor:
     B, T, _ = x.shape
     H, dn, dr, dv, R = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     cos, sin = rope_cache(dr, T, cfg.rope_theta)
-    q = (x @ attn.wq.weight.T).view(B, T, H, dn + dr)
+    if cfg.q_lora_rank:  # eq. 12-13: the query's own latent c_q, normalised, then up-projected
+        c_q = x @ attn.wq_a.weight.T
+        c_q = c_q / torch.sqrt(c_q.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * attn.q_norm.weight
+        q = (c_q @ attn.wq_b.weight.T).view(B, T, H, dn + dr)
+    else:
+        q = (x @ attn.wq.weight.T).view(B, T, H, dn + dr)
     latent = x @ attn.wkv_a.weight.T
     c_kv = attn.kv_norm(latent[..., :R])  # eq. 9: the compressed latent
     k_pe = apply_rope(latent[..., R:], cos, sin)  # eq. 15: ONE rope key per token, from the hidden state
@@ -33,7 +37,7 @@ def reference_mla(attn: MLA, x: torch.Tensor, cfg) -> torch.Tensor:
     return torch.cat(heads, dim=-1) @ attn.wo.weight.T
 
 
-@pytest.mark.parametrize("q_lora_rank", [0])
+@pytest.mark.parametrize("q_lora_rank", [0, 24])
 def test_mla_matches_per_head_reference(q_lora_rank):
     cfg = small_cfg(q_lora_rank=q_lora_rank)
     torch.manual_seed(123)
@@ -42,18 +46,10 @@ def test_mla_matches_per_head_reference(q_lora_rank):
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(2, 12, cfg.dim)
     cos, sin = rope_cache(cfg.qk_rope_head_dim, 12, cfg.rope_theta)
-    assert torch.allclose(attn(x, cos, sin), reference_mla(attn, x, cfg), atol=1e-5)
-
-
-def test_q_lora_path_runs_through_its_latent():
-    cfg = small_cfg(q_lora_rank=24)
-    attn = MLA(cfg)
-    assert attn.wq_a.weight.shape == (24, cfg.dim) and not hasattr(attn, "wq")
-    cos, sin = rope_cache(cfg.qk_rope_head_dim, 5, cfg.rope_theta)
-    out = attn(torch.randn(1, 5, cfg.dim), cos, sin)
-    torch.nn.init.zeros_(attn.wq_b.weight)  # no query -> uniform attention -> mean of values
-    out0 = attn(torch.randn(1, 5, cfg.dim), cos, sin)
-    assert out.shape == out0.shape == (1, 5, cfg.dim) and not torch.allclose(out, out0)
+    want = reference_mla(attn, x, cfg)
+    assert torch.allclose(attn(x, cos, sin), want, atol=1e-5)
+    with dsv3.kernels.disabled():
+        assert torch.allclose(attn(x, cos, sin), want, atol=1e-5)
 
 
 def test_rope_only_touches_rope_dims_and_is_relative():
@@ -100,84 +96,6 @@ def test_full_forward_equals_naive_and_absorbed_decode(q_lora_rank):
     assert (naive - full).abs().max() <= 1e-4
     assert (absorbed - full).abs().max() <= 1e-4
     assert (absorbed - naive).abs().max() <= 1e-4
-
-
-def attention_inputs(B, T, H, nope, rope, v, dtype=torch.float32, requires_grad=True):
-    """Random q (B, T, H, nope + rope) before RoPE, kv (B, T, H, nope + v), rotated k_pe (B, T, rope), cos, sin."""
-    q, kv, k_pe = (torch.randn(*s, dtype=dtype, requires_grad=requires_grad)
-                   for s in ((B, T, H, nope + rope), (B, T, H, nope + v), (B, T, rope)))
-    angle = torch.randn(T, rope // 2, dtype=dtype)
-    return q, kv, k_pe, angle.cos(), angle.sin()
-
-
-def sdpa_attention(q, kv, k_pe, cos, sin, scale, nope, cast=None):
-    """CausalAttention's result the long way: rotate q_pe, concatenate [q_nope; q_pe] and [k_nope; k_pe] per
-    head (eq. 16), torch's SDPA, back to (B, T, H, v); `cast` rounds SDPA's inputs (bf16 reference)."""
-    B, T, H, _ = q.shape
-    q_nope, q_pe = q.transpose(1, 2).split([nope, q.shape[-1] - nope], dim=-1)
-    k_nope, v = kv.transpose(1, 2).split([nope, kv.shape[-1] - nope], dim=-1)
-    qh = torch.cat([q_nope, apply_rope(q_pe, cos, sin)], dim=-1)
-    kh = torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, H, T, -1)], dim=-1)
-    ins = [t.to(cast) for t in (qh, kh, v)] if cast else (qh, kh, v)
-    return F.scaled_dot_product_attention(*ins, is_causal=True, scale=scale).transpose(1, 2)
-
-
-def test_causal_attention_equals_sdpa_with_gradients():
-    from dsv3.mla import CausalAttention
-
-    torch.manual_seed(0)
-    q, kv, k_pe, cos, sin = attention_inputs(2, 7, 3, 5, 4, 6, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda *a: CausalAttention.apply(*a, cos, sin, 0.3, 5), (q, kv, k_pe))
-    q, kv, k_pe = (t.detach().float().requires_grad_() for t in (q, kv, k_pe))
-    cos, sin = cos.float(), sin.float()
-    ref = [t.detach().clone().requires_grad_() for t in (q, kv, k_pe)]
-    out = CausalAttention.apply(q, kv, k_pe, cos, sin, 0.3, 5)  # its softmax runs in place in the scores' buffer
-    expect = sdpa_attention(*ref, cos, sin, 0.3, 5)
-    g = torch.randn_like(out)
-    out.backward(g)
-    expect.backward(g)
-    assert (out - expect).abs().max() <= 1e-6
-    for a, b in zip((q, kv, k_pe), ref, strict=True):
-        assert (a.grad - b.grad).abs().max() <= 1e-6
-    # its buffers are reused across calls: two graphs of other lengths and batch sizes in between, run back to front
-    for a in (q, kv, k_pe):
-        a.grad = None
-    others = [attention_inputs(b, t, 3, 5, 4, 6) for b, t in ((1, 5), (3, 11))]
-    first = CausalAttention.apply(q, kv, k_pe, cos, sin, 0.3, 5)
-    outs = [CausalAttention.apply(*o, 0.3, 5) for o in others]
-    for o, ins in zip(reversed(outs), reversed(others), strict=True):
-        o.sum().backward()
-        ref_o = sdpa_attention(*ins, 0.3, 5)
-        for t, expect_grad in zip(ins[:3], torch.autograd.grad(ref_o.sum(), ins[:3]), strict=True):
-            assert torch.allclose(t.grad, expect_grad, atol=1e-6)
-    first.backward(g)
-    for a, b in zip((q, kv, k_pe), ref, strict=True):
-        assert (a.grad - b.grad).abs().max() <= 1e-6
-
-
-def test_causal_attention_bf16_autocast_is_as_precise_as_torch_sdpa_in_bf16():
-    # fp32 scores, softmax and dS, bf16 operands elsewhere: output in bf16, gradients in the inputs' fp32, and
-    # errors against fp32 about those of torch's own SDPA run on bf16 inputs
-    from dsv3.mla import CausalAttention
-
-    torch.manual_seed(0)
-    q, kv, k_pe, cos, sin = attention_inputs(2, 64, 3, 32, 16, 32, requires_grad=False)
-    g = torch.randn(2, 64, 3, 32)
-
-    def run(fn):
-        ins = [t.clone().requires_grad_() for t in (q, kv, k_pe)]
-        out = fn(*ins)
-        out.float().backward(g)
-        return out, [t.grad for t in ins]
-
-    ref, ref_g = run(lambda *a: sdpa_attention(*a, cos, sin, 0.3, 32))
-    torch16, torch16_g = run(lambda *a: sdpa_attention(*a, cos, sin, 0.3, 32, cast=torch.bfloat16))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours, ours_g = run(lambda *a: CausalAttention.apply(*a, cos, sin, 0.3, 32))
-    assert ours.dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in ours_g)
-    # (scores rounded to bf16 gave 1.5-1.8x torch's errors here; fp32 scores 0.75-1.26x)
-    for a, b, r in zip([ours, *ours_g], [torch16, *torch16_g], [ref, *ref_g], strict=True):
-        assert (a.float() - r).norm() <= 1.4 * (b.float() - r).norm()
 
 
 def test_cache_holds_only_the_latent(model, cfg):

@@ -10,13 +10,32 @@ from dsv3.layers import Expert
 from dsv3.moe import MoE
 
 
-def test_shapes_and_loss_parts(model, cfg):
-    tokens = torch.randint(0, cfg.vocab_size, (3, 17))
-    out = model(tokens)
-    assert out.logits.shape == (3, 17, cfg.vocab_size) and out.loss is None
-    out = model(tokens, tokens)
-    assert out.loss.item() == pytest.approx((out.ce_loss + out.aux_loss + out.z_loss).item(), rel=1e-6)
-    assert out.aux_loss.item() > 0 and out.z_loss.item() > 0
+def test_loss_parts_equal_their_formulas(cfg):
+    """ce = F.cross_entropy of the logits; aux = alpha * mean over MoE layers of N sum_i f_i P_i; z = its
+    coefficient * mean of mean_t logsumexp(router logits)^2: each recomputed from the routers' own inputs."""
+    model = dsv3.DeepSeekV3(cfg.replace(aux_loss_coef=0.03, z_loss_coef=0.002, n_dense_layers=1, n_layers=3))
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+             for m in model.moe_layers()]
+    tokens, targets = torch.randint(0, cfg.vocab_size, (3, 17)), torch.randint(0, cfg.vocab_size, (3, 17))
+    out = model(tokens, targets)
+    for h in hooks:
+        h.remove()
+    assert out.logits.shape == (3, 17, cfg.vocab_size) and model(tokens).loss is None
+    ce = F.cross_entropy(out.logits.reshape(-1, cfg.vocab_size), targets.reshape(-1))
+    balance, z = [], []
+    for m, x in zip(model.moe_layers(), inputs, strict=True):
+        logits = x @ m.gate.weight.T
+        probs = logits.softmax(-1)
+        top = probs.topk(cfg.n_activated_experts, dim=-1).indices
+        f = torch.bincount(top.flatten(), minlength=cfg.n_routed_experts).float() / top.numel()
+        balance.append(cfg.n_routed_experts * (f * probs.mean(0)).sum())
+        z.append(torch.logsumexp(logits, -1).square().mean())
+    assert len(balance) == 2  # the dense first layer has no router
+    assert out.ce_loss.item() == pytest.approx(ce.item(), rel=1e-5)
+    assert out.aux_loss.item() == pytest.approx(0.03 * torch.stack(balance).mean().item(), rel=1e-5)
+    assert out.z_loss.item() == pytest.approx(0.002 * torch.stack(z).mean().item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx((ce + out.aux_loss + out.z_loss).item(), rel=1e-5)
 
 
 def test_loss_is_next_token_ce_shifted_exactly_once(model, cfg):
@@ -114,3 +133,19 @@ def test_bad_targets_and_cache_overflow(model, cfg):
         model(torch.zeros(3, 1, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="cache length"):
         model.new_cache(1, cfg.max_seq_len + 1)
+
+
+@pytest.mark.parametrize("bad", [512, -1, -101, 10_000])
+@pytest.mark.parametrize("kernels_on", [True, False])
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_out_of_range_targets_raise_naming_the_position(model, cfg, bad, kernels_on, return_logits):
+    x = torch.randint(0, cfg.vocab_size, (2, 8))
+    y = x.clone()
+    y[0, :3] = -100  # the ignore value is fine
+    y[1, 5] = bad
+    switch = dsv3.kernels.disabled() if not kernels_on else torch.enable_grad()
+    message = rf"targets\[1, 5\] = {bad} is not a token id in \[0, vocab_size=512\)"
+    with switch, pytest.raises(ValueError, match=message):
+        model.train()(x, y, return_logits=return_logits)
+    y[1, 5] = 0
+    assert torch.isfinite(model(x, y, return_logits=return_logits).loss)

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from conftest import small_cfg
 
-import dsv3.moe as moe
 from dsv3.moe import MoE, balance_loss, expert_load, router_z_loss
 
 
@@ -17,17 +16,6 @@ def make_moe(**overrides) -> MoE:
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.2)
     return m
-
-
-def per_token_reference(m: MoE, x: torch.Tensor) -> torch.Tensor:
-    """sum_i g_i FFN_i(x) + shared(x), one token at a time (eq. 12)."""
-    gates, idx, _, _ = m.gate(x)
-    out = m.shared_experts(x).clone()
-    e = m.experts
-    for t in range(x.shape[0]):
-        for g, i in zip(gates[t], idx[t], strict=True):
-            out[t] += g * ((F.silu(x[t] @ e.w1[i]) * (x[t] @ e.w3[i])) @ e.w2[i])
-    return out
 
 
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
@@ -115,124 +103,6 @@ def test_bias_update_balances_load_without_touching_gates():
     assert "gate.bias" in m.state_dict() and not m.gate.bias.requires_grad
 
 
-@pytest.mark.parametrize("grouped", [True, False])
-def test_dispatch_equals_per_token_reference(grouped, monkeypatch):
-    monkeypatch.setattr(moe, "_HAS_GROUPED_MM", grouped and moe._HAS_GROUPED_MM)
-    m = make_moe()
-    x = torch.randn(3, 7, 64, requires_grad=True)
-    y, _, _ = m(x)
-    ref = per_token_reference(m, x.view(-1, 64)).view(3, 7, 64)
-    assert torch.allclose(y, ref, atol=1e-4)
-    w = torch.randn(3, 7, 64)  # gradients through the dispatch (gather, expert matmuls, scatter) too
-    gx, gw1 = torch.autograd.grad((y * w).sum(), (x, m.experts.w1))
-    rx, rw1 = torch.autograd.grad((ref * w).sum(), (x, m.experts.w1))
-    assert torch.allclose(gx, rx, atol=1e-4) and torch.allclose(gw1, rw1, atol=1e-4)
-    _, idx, _, _ = m.gate(x.view(-1, 64))
-    assert torch.equal(m.last_load, torch.bincount(idx.flatten(), minlength=8).float())
-
-
-def _expert_inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n, d, i = 6, 16, 12
-    load = torch.tensor([5.0, 0.0, 9.0, 1.0, 0.0, 7.0])  # empty experts and a one-row one
-    xs = torch.randn(int(load.sum()), d, generator=g, requires_grad=True)
-    ws = [(torch.randn(*shape, generator=g) * 0.3).requires_grad_() for shape in ((n, d, i), (n, i, d), (n, d, i))]
-    gates = torch.rand(xs.shape[0], 1, generator=g, requires_grad=True)
-    return xs, ws, gates, load
-
-
-@pytest.mark.skipif(not moe._HAS_GROUPED_MM, reason="needs F.grouped_mm")
-def test_kept_grad_expert_backward_equals_grouped_mm_autograd():
-    """The fp32 CPU training path's hand-written backward (weight gradients in kept buffers) gives grouped_mm's
-    autograd outputs and gradients for every input, empty experts included (their gradient slices are zero)."""
-    out = {}
-    for fn in (moe._grouped_swiglu, moe._kept_grad_swiglu):
-        xs, (w1, w2, w3), gates, load = _expert_inputs()
-        y = fn(xs, w1, w2, w3, load, gates)
-        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
-        out[fn] = [y.detach()] + [t.grad for t in (xs, w1, w2, w3, gates)]
-    for a, b in zip(out[moe._kept_grad_swiglu], out[moe._grouped_swiglu], strict=True):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
-    for w in out[moe._kept_grad_swiglu][2:5]:
-        assert w[[1, 4]].abs().max() == 0 and w[[0, 2, 3, 5]].abs().amin(dim=(1, 2)).min() > 0
-
-
-@pytest.mark.skipif(not moe._HAS_GROUPED_MM, reason="needs F.grouped_mm")
-def test_kept_grad_expert_buffers_never_overwrite_live_gradients():
-    """A weight gradient still held (a .grad kept by the caller, or accumulating over two backwards) keeps its values
-    when the next backward runs; once dropped, its memory is used again."""
-    xs, (w1, w2, w3), gates, load = _expert_inputs()
-    xs2 = torch.randn(xs.shape, generator=torch.Generator().manual_seed(2))
-
-    def grad_w2(x):
-        moe._kept_grad_swiglu(x, w1, w2, w3, load, gates).square().sum().backward()
-        g, w2.grad = w2.grad, None
-        return g
-
-    ref = [torch.autograd.grad(moe._grouped_swiglu(x, w1, w2, w3, load, gates).square().sum(), w2)[0]
-           for x in (xs, xs2)]
-    first = grad_w2(xs)
-    held = grad_w2(xs2)  # `first` is still alive: a fresh buffer
-    assert held.data_ptr() != first.data_ptr()
-    assert torch.allclose(first, ref[0], atol=1e-5) and torch.allclose(held, ref[1], atol=1e-5)
-    ptr = held.data_ptr()
-    del first, held
-    again = grad_w2(xs)
-    assert again.data_ptr() == ptr and torch.allclose(again, ref[0], atol=1e-5)  # nothing held it: same memory
-    del again
-    for x in (xs, xs2):  # two backwards into one .grad: the sum
-        moe._kept_grad_swiglu(x, w1, w2, w3, load, gates).square().sum().backward()
-    assert torch.allclose(w2.grad, ref[0] + ref[1], atol=1e-5)
-
-
-@pytest.mark.skipif(not moe._HAS_GROUPED_MM, reason="needs F.grouped_mm")
-def test_cpu_bf16_padded_dispatch(monkeypatch):
-    """bf16 training on CPU pads each expert's rows to a multiple of CPU_BF16_ROWS: the padding rows must not
-    change any output or gradient (compared with no padding, and with the fp32 per-token reference)."""
-    m = make_moe()
-    x = torch.randn(37, 64)  # 74 routed slots over 8 experts: no count is a multiple of 16
-    ref = per_token_reference(m, x)
-    runs = []
-    for rows in (16, 1):
-        monkeypatch.setattr(moe, "CPU_BF16_ROWS", rows)
-        m.zero_grad()
-        xg = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y, _, _ = m(xg.unsqueeze(0))
-        (y.float() * torch.linspace(-1, 1, 64)).sum().backward()
-        runs.append((y.float().squeeze(0), xg.grad, m.experts.w1.grad.clone(), m.experts.w2.grad.clone()))
-    assert m.last_load.remainder(16).ne(0).all()
-    assert torch.allclose(runs[0][0], ref, atol=0.05 * ref.abs().max().item())  # bf16 vs fp32
-    for a, b in zip(runs[0], runs[1], strict=True):
-        assert torch.allclose(a, b, rtol=1e-2, atol=1e-2 * b.abs().max().item())
-
-
-@pytest.mark.parametrize("tokens", [1, 21])
-def test_inference_dispatch_equals_training_dispatch(tokens):
-    """Without grad on CPU only the experts that received rows run (decoding one token: 2 of 8); same output."""
-    m = make_moe()
-    x = torch.randn(1, tokens, 64)
-    y_train, _, _ = m(x)
-    with torch.no_grad():
-        y_inf, _, _ = m(x, losses=False)
-    if tokens == 1:
-        assert int((m.last_load == 0).sum()) == 6  # top-2 of 8: six experts are skipped
-    assert torch.allclose(y_inf, y_train, atol=1e-5)
-    assert torch.allclose(y_inf.view(-1, 64), per_token_reference(m, x.view(-1, 64)), atol=1e-4)
-
-
-def test_gathered_experts_equal_the_dispatch():
-    """RoutedExperts.gathered (compiled decoding: experts read by index, no sort or host sync) = the dispatch."""
-    m = make_moe()
-    x = torch.randn(5, 64)
-    with torch.no_grad():
-        gates, idx, _, _ = m.gate(x)
-        ref = m.experts(x, idx, gates, expert_load(idx, 8))
-        assert torch.allclose(m.experts.gathered(x, idx, gates), ref, atol=1e-5)
-        y, _, _ = m(x.unsqueeze(0), losses=False, gathered=True)
-    assert torch.allclose(y.squeeze(0), per_token_reference(m, x), atol=1e-4)
-
-
 def test_gradients_reach_exactly_the_used_experts():
     m = make_moe()
     x = torch.randn(6, 64)
@@ -257,31 +127,23 @@ def test_trace_records_topk_ids_and_gates():
     assert torch.equal(ids.view(-1, 2), i_ref) and torch.allclose(gates.view(-1, 2), g_ref)
 
 
-def test_kept_grad_cast_gives_the_cast_gradient_in_a_kept_buffer_never_a_live_one():
-    """KeptGradCast (the CPU's bf16 expert weights): the gradient of w.to(bf16) in w's fp32, as autograd's own cast
-    gives; written into w's kept buffer when nothing holds it, a fresh one while a .grad is alive, summed over two
-    backwards."""
-    from dsv3.layers import KeptGradCast
+def test_moe_equals_eq12_token_by_token():
+    """The reference MoE (kernels off) is eq. 12 without the residual, written out one token at a time:
+    shared(x) + sum over the token's top-k of g_i FFN_i(x), with the gates of eq. 13-16."""
+    from dsv3 import kernels
 
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(3, 8, 5, generator=g, requires_grad=True)
-    xs = [torch.randn(4, 3, 8, generator=g).bfloat16() for _ in range(2)]
-
-    def loss(x, cast):
-        return (x.transpose(0, 1) @ cast(w)).float().sin().sum()
-
-    ref = [torch.autograd.grad(loss(x, lambda t: t.to(torch.bfloat16)), w)[0] for x in xs]
-    assert ref[0].dtype == torch.float32 and not torch.equal(ref[0], ref[1])
-    grads = []
-    for x in xs:
-        loss(x, lambda t: KeptGradCast.apply(t, torch.bfloat16)).backward()
-        grads.append(w.grad)
-        w.grad = None
-    assert all(torch.equal(a, b) for a, b in zip(grads, ref, strict=True))
-    assert grads[0].data_ptr() != grads[1].data_ptr()  # the first was still held
-    ptr = grads[1].data_ptr()
-    del grads
-    loss(xs[0], lambda t: KeptGradCast.apply(t, torch.bfloat16)).backward()
-    assert w.grad.data_ptr() == ptr and torch.equal(w.grad, ref[0])  # nothing held it: the same memory again
-    loss(xs[1], lambda t: KeptGradCast.apply(t, torch.bfloat16)).backward()  # into the live .grad: the sum
-    assert torch.allclose(w.grad, ref[0] + ref[1], atol=1e-6)
+    m = make_moe(score_func="sigmoid", route_scale=2.5, n_expert_groups=4, n_limited_groups=2)
+    with torch.no_grad():
+        m.gate.bias.copy_(torch.randn(8) * 0.1)
+    x = torch.randn(11, 64)
+    gates, idx, _, _ = m.gate(x)
+    e = m.experts
+    want = m.shared_experts(x).clone()
+    for t in range(x.shape[0]):
+        for g, i in zip(gates[t], idx[t], strict=True):
+            want[t] += g * ((F.silu(x[t] @ e.w1[i]) * (x[t] @ e.w3[i])) @ e.w2[i])
+    with kernels.disabled():
+        y, _, _ = m(x.unsqueeze(0))
+    assert torch.allclose(y.squeeze(0), want, atol=1e-5)
+    y_kernels, _, _ = m(x.unsqueeze(0))
+    assert torch.allclose(y_kernels.squeeze(0), want, atol=1e-5)

@@ -1,0 +1,507 @@
+"""Import from Hugging Face transformers: `from_hf(path)` reads a DeepSeek-V2 / DeepSeek-V3 model folder (or a Llama
+one, the dense GQA baseline) into a `DeepSeekV3`; `hf_model_config(path)` maps its config.json alone (what
+`python -m dsv3 info --hf PATH` prints). The inverse of `export_hf`, whose weight rewrites it undoes:
+
+  RoPE layout  -- DeepSeek's checkpoints pair adjacent rope dims (V2 always, V3 with rope_interleave=True); we rotate
+                  the first half against the second, so the rope rows of q and k_pe are permuted back.
+  experts      -- per-expert gate_proj/up_proj/down_proj matrices are stacked into our (N, dim, inter) w1/w3 and
+                  (N, inter, dim) w2, each copied straight into its slice.
+  FP8          -- float8_e4m3fn weights with one `weight_scale_inv` per block (quantization_config.weight_block_size,
+                  DeepSeek-V3's 128 x 128) are dequantised, w * scale in fp32, then cast to the requested dtype.
+  latent norms -- transformers (like DeepSeek's own code) gives kv_a_layernorm / q_a_layernorm eps 1e-6 whatever
+                  rms_norm_eps says: imported as `latent_norm_eps`. A folder written by `export_hf` carries dsv3's own
+                  config (`dsv3_config` in config.json) and its rescaled latent rows one precision wider, so the
+                  rescale is undone exactly and the round trip gives back the same state dict, bit for bit.
+
+Every config field either maps onto `ModelConfig`, is checked to be a value we compute exactly, or is known not to
+change the forward pass (`IGNORED`); anything else is refused with a ValueError naming it, as is every tensor the
+config does not explain and every tensor it needs that is missing. Multi-token-prediction layers
+(model.layers.{n_layers + k}.*) go to `load_mtp`. Loading builds the model without memory (meta device), then reads
+the shards one tensor at a time into the parameters: never two copies of the weights.
+The folder's tokenizer.json (the `tokenizers` package) becomes `model.tokenizer` for `dsv3.generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .export_hf import HF_LATENT_NORM_EPS, _rope_perm
+from .layers import yarn_mscale
+from .model import DeepSeekV3, rope_tables
+
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "llama")
+# config.json fields that do not change the forward pass: bookkeeping, training-only, serving hints, token ids,
+# fields transformers derives from others, and those read elsewhere (quantization_config, the MTP count, dsv3_config)
+IGNORED = {
+    "architectures", "auto_map", "model_type", "transformers_version", "_name_or_path", "use_cache", "dtype",
+    "torch_dtype", "initializer_range", "attention_dropout", "aux_loss_alpha", "seq_aux", "output_router_logits",
+    "router_aux_loss_coef", "ep_size", "pretraining_tp", "bos_token_id", "eos_token_id", "pad_token_id", "qk_head_dim",
+    "num_nextn_predict_layers", "num_mtp_layers", "quantization_config", "dsv3_config",
+}
+TRAINING_ONLY = ("aux_loss_coef", "z_loss_coef", "bias_update_speed", "init_std")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFConfig:
+    """A folder's config.json mapped onto ModelConfig, with what the weights loader needs besides."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        f = self.path / "config.json"
+        if not f.is_file():
+            raise FileNotFoundError(f"{self.path}: no config.json (expected a transformers model folder)")
+        self.hf = json.loads(f.read_text())
+        self.model_type = self.hf.get("model_type")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"{f}: model_type={self.model_type!r} is not supported (one of {', '.join(MODEL_TYPES)})")
+        self.used = set(IGNORED)
+        self.interleaved = False  # rope rows stored as adjacent pairs
+        cfg = self._llama() if self.model_type == "llama" else self._deepseek()
+        unknown = sorted(set(self.hf) - self.used)
+        if unknown:
+            raise ValueError(f"{f}: unknown config field(s) {', '.join(unknown)}: dsv3 cannot tell whether they change "
+                             "the model (remove them if they do not)")
+        self.n_mtp = self.hf.get("num_nextn_predict_layers", self.hf.get("num_mtp_layers", 0)) or 0
+        self.fp8_block = self._fp8()
+        self.dtype = _DTYPES.get(self.hf.get("dtype") or self.hf.get("torch_dtype") or "float32", torch.float32)
+        self.latent_scale = 1.0  # export_hf's rescale of the latent rows, undone on load
+        self.provenance = "dsv3_config" in self.hf
+        if self.provenance:
+            cfg = self._dsv3(cfg)
+        self.cfg = cfg
+
+    # --- field access: every field read is marked as used ---
+    def get(self, key, default=None):
+        self.used.add(key)
+        return self.hf.get(key, default)
+
+    def need(self, key):
+        self.used.add(key)
+        if self.hf.get(key) is None:
+            raise ValueError(f"{self.path / 'config.json'}: {key} is missing")
+        return self.hf[key]
+
+    def refuse(self, key, why: str):
+        raise ValueError(f"{self.path / 'config.json'}: {key}={self.hf.get(key)!r} is not supported: {why}")
+
+    def expect(self, key, allowed: tuple, why: str):
+        if self.get(key, allowed[0]) not in allowed:
+            self.refuse(key, why)
+
+    def _common(self) -> dict:
+        self.expect("hidden_act", ("silu",), "dsv3's SwiGLU uses SiLU")
+        self.expect("attention_bias", (False,), "dsv3's projections have no bias")
+        self.expect("mlp_bias", (False,), "dsv3's projections have no bias")
+        self.expect("partial_rotary_factor", (1.0, 1), "dsv3 rotates whole rope heads")
+        tie = self.get("tie_word_embeddings", False)
+        return dict(vocab_size=self.need("vocab_size"), dim=self.need("hidden_size"),
+                    n_layers=self.need("num_hidden_layers"), n_heads=self.need("num_attention_heads"),
+                    max_seq_len=self.need("max_position_embeddings"), norm_eps=float(self.get("rms_norm_eps", 1e-6)),
+                    tie_embeddings=bool(tie), init_std=float(self.get("initializer_range", 0.02)))
+
+    def _rope(self) -> dict:
+        """rope_theta and YaRN from rope_parameters (transformers 5) or rope_scaling + rope_theta (older files)."""
+        given, old, top = self.get("rope_parameters"), self.get("rope_scaling"), self.get("rope_theta")
+        rope = dict(given or old or {})
+        theta = float(rope.pop("rope_theta", None) or top or 10000.0)
+        kind = rope.pop("rope_type", rope.pop("type", "default"))
+        if kind == "default":
+            return dict(rope_theta=theta)
+        if kind != "yarn":
+            raise ValueError(f"{self.path / 'config.json'}: rope type {kind!r} is not supported (default or yarn)")
+        if rope.pop("attention_factor", None) is not None:
+            raise ValueError(f"{self.path / 'config.json'}: rope attention_factor is not supported "
+                             "(dsv3 derives it from mscale)")
+        if rope.pop("truncate", True) is not True:
+            raise ValueError(f"{self.path / 'config.json'}: rope truncate=False is not supported")
+        orig = rope.pop("original_max_position_embeddings", None) or self.get("original_max_position_embeddings")
+        if orig is None:
+            raise ValueError(f"{self.path / 'config.json'}: YaRN needs original_max_position_embeddings")
+        factor = rope.pop("factor", None) or self.need("max_position_embeddings") / orig
+        ms, ma = rope.pop("mscale", None), rope.pop("mscale_all_dim", None)
+        beta_fast, beta_slow = rope.pop("beta_fast", None) or 32.0, rope.pop("beta_slow", None) or 1.0
+        if rope:
+            raise ValueError(f"{self.path / 'config.json'}: unknown rope parameter(s) {', '.join(sorted(rope))}")
+        # transformers scales cos/sin by mscale(s, mscale) / mscale(s, mscale_all_dim) only when both are set, else by
+        # mscale(s); DeepSeek's reference code by the ratio with defaults 1 and 0: refuse where the two disagree
+        hf_factor = yarn_mscale(factor, ms) / yarn_mscale(factor, ma) if ms and ma else yarn_mscale(factor)
+        ms, ma = 1.0 if ms is None else float(ms), float(ma or 0.0)
+        if hf_factor != yarn_mscale(factor, ms) / yarn_mscale(factor, ma):
+            raise ValueError(f"{self.path / 'config.json'}: rope mscale={ms}, mscale_all_dim={ma}: transformers and "
+                             "DeepSeek's reference code scale attention differently for these values")
+        return dict(rope_theta=theta, yarn_factor=float(factor), yarn_original_max_seq_len=int(orig),
+                    yarn_beta_fast=float(beta_fast), yarn_beta_slow=float(beta_slow), yarn_mscale=ms,
+                    yarn_mscale_all_dim=ma)
+
+    def _llama(self) -> ModelConfig:
+        c = self._common()
+        heads = c["n_heads"]
+        rope = self._rope()
+        if "yarn_factor" in rope:
+            raise ValueError(f"{self.path / 'config.json'}: YaRN is imported for DeepSeek models only")
+        return ModelConfig(**c, **rope, attn="gqa", ffn="dense", n_kv_heads=self.get("num_key_value_heads") or heads,
+                           head_dim=self.get("head_dim") or c["dim"] // heads,
+                           dense_inter_dim=self.need("intermediate_size"))
+
+    def _deepseek(self) -> ModelConfig:
+        v3 = self.model_type == "deepseek_v3"
+        c = self._common()
+        n_layers = c["n_layers"]
+        if (self.get("num_key_value_heads") or c["n_heads"]) != c["n_heads"]:
+            self.refuse("num_key_value_heads", "MLA has one key/value head per query head")
+        self.get("head_dim")  # transformers sets it to qk_rope_head_dim
+        self.interleaved = bool(self.get("rope_interleave", True)) if v3 else True
+        mla = dict(q_lora_rank=self.get("q_lora_rank") or 0, kv_lora_rank=self.need("kv_lora_rank"),
+                   qk_nope_head_dim=self.need("qk_nope_head_dim"), qk_rope_head_dim=self.need("qk_rope_head_dim"),
+                   v_head_dim=self.need("v_head_dim"), dense_inter_dim=self.need("intermediate_size"))
+        n_routed = self.get("n_routed_experts")
+        first_dense = self.get("first_k_dense_replace") or 0
+        self.expect("moe_layer_freq", (1,), "every layer after first_k_dense_replace is MoE in transformers")
+        if c["norm_eps"] != HF_LATENT_NORM_EPS:
+            mla["latent_norm_eps"] = HF_LATENT_NORM_EPS
+        if not n_routed or first_dense >= n_layers:  # no MoE layer
+            for k in ("n_shared_experts", "num_experts_per_tok", "moe_intermediate_size", "routed_scaling_factor",
+                      "n_group", "topk_group", "topk_method", "norm_topk_prob", "scoring_func"):
+                self.get(k)
+            return ModelConfig(**c, **self._rope(), **mla, attn="mla", ffn="dense")
+        moe = dict(n_routed_experts=n_routed, n_shared_experts=self.get("n_shared_experts") or 0,
+                   n_activated_experts=self.need("num_experts_per_tok"),
+                   moe_inter_dim=self.need("moe_intermediate_size"), n_dense_layers=first_dense,
+                   route_scale=float(self.get("routed_scaling_factor", 2.5 if v3 else 1.0)))
+        groups = self.get("n_group") or 1, self.get("topk_group") or 1
+        if v3:  # transformers' DeepseekV3 always routes like this, whatever topk_method and scoring_func say
+            self.expect("scoring_func", ("sigmoid",), "DeepseekV3 scores experts with a sigmoid")
+            self.expect("topk_method", ("noaux_tc",), "DeepseekV3 routes with noaux_tc (group-limited, biased)")
+            moe.update(score_func="sigmoid", norm_topk_prob=bool(self.get("norm_topk_prob", True)),
+                       n_expert_groups=groups[0], n_limited_groups=groups[1], group_score="top2")
+        else:
+            self.expect("scoring_func", ("softmax",), "DeepseekV2 scores experts with a softmax")
+            method = self.get("topk_method", "greedy")
+            if method not in ("greedy", "group_limited_greedy"):
+                self.refuse("topk_method", "DeepseekV2 routes with greedy or group_limited_greedy")
+            if self.get("norm_topk_prob"):  # DeepSeek's code renormalises, transformers' DeepseekV2 does not
+                self.refuse("norm_topk_prob", "transformers' DeepseekV2 ignores it while DeepSeek's code applies it")
+            moe.update(score_func="softmax", norm_topk_prob=False, group_score="max")
+            if method == "group_limited_greedy":
+                moe.update(n_expert_groups=groups[0], n_limited_groups=groups[1])
+        return ModelConfig(**c, **self._rope(), **mla, **moe, attn="mla", ffn="moe")
+
+    def _fp8(self) -> tuple[int, int] | None:
+        q = self.hf.get("quantization_config")
+        if q is None:
+            return None
+        if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
+            raise ValueError(f"{self.path / 'config.json'}: quantization_config {q} is not supported (fp8 e4m3 only)")
+        if q.get("activation_scheme", "dynamic") != "dynamic":
+            raise ValueError(f"{self.path / 'config.json'}: quantization_config activation_scheme="
+                             f"{q.get('activation_scheme')!r} is not supported (dynamic: weights only)")
+        block = q.get("weight_block_size")
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise ValueError(f"{self.path / 'config.json'}: quantization_config weight_block_size={block!r} "
+                             "must be two positive ints")
+        return block[0], block[1]
+
+    def _dsv3(self, cfg: ModelConfig) -> ModelConfig:
+        """The config dsv3's export wrote beside the transformers fields, if it still computes what they say."""
+        try:
+            ours = ModelConfig.from_dict(self.hf["dsv3_config"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{self.path / 'config.json'}: dsv3_config is not a valid dsv3 config ({e})") from None
+        a, b = _signature(cfg), _signature(ours)
+        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        if diff:
+            raise ValueError(f"{self.path / 'config.json'}: dsv3_config disagrees with the transformers fields on "
+                             f"{', '.join(diff)} (edited after export? remove dsv3_config to import the fields)")
+        if ours.attn == "mla":
+            self.latent_scale = math.sqrt(HF_LATENT_NORM_EPS / (ours.latent_norm_eps or ours.norm_eps))
+        return ours
+
+
+def _signature(cfg: ModelConfig) -> dict:
+    """What a config computes, independent of how it is written (dense 'moe' layers, unused fields, defaults). The
+    latent norms' eps is left out: export_hf expresses ours through rescaled rows that the import undoes."""
+    d = cfg.to_dict()
+    for k in (*TRAINING_ONLY, "latent_norm_eps", "norm_topk_prob", "ffn", "n_dense_layers", "n_expert_groups",
+              "n_limited_groups", "group_score"):
+        d.pop(k)
+    d["moe_layers"] = [cfg.is_moe_layer(i) for i in range(cfg.n_layers)]
+    if cfg.has_moe:
+        noop = cfg.n_limited_groups == cfg.n_expert_groups or cfg.n_routed_experts == cfg.n_expert_groups
+        d["groups"] = None if noop else (cfg.n_expert_groups, cfg.n_limited_groups, cfg.group_score)
+        d["topk_norm"] = cfg.topk_norm
+    else:
+        for k in ("n_routed_experts", "n_shared_experts", "n_activated_experts", "moe_inter_dim", "score_func",
+                  "route_scale"):
+            d.pop(k)
+    if cfg.yarn_factor == 1:
+        for k in [k for k in d if k.startswith("yarn_")]:
+            d.pop(k)
+    gqa = ("n_kv_heads", "head_dim")
+    for k in (gqa if cfg.attn == "mla" else ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                              "v_head_dim")):
+        d.pop(k)
+    if all(d["moe_layers"]):
+        d.pop("dense_inter_dim")
+    return d
+
+
+def hf_model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a transformers model folder, from its config.json alone (no weights needed)."""
+    return HFConfig(path).cfg
+
+
+# --- weights ---
+
+def _weight_plan(model: DeepSeekV3, hc: HFConfig) -> dict[str, tuple]:
+    """transformers name -> (our tensor or a view of it, its shape in the file, the rewrite from file to ours)."""
+    cfg = model.cfg
+    plan = {"model.embed_tokens.weight": (model.embed.weight, None), "model.norm.weight": (model.norm.weight, None)}
+    if not cfg.tie_embeddings:
+        plan["lm_head.weight"] = (model.head.weight, None)
+    if cfg.attn == "mla":
+        r, nope, H = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.n_heads
+        back = torch.argsort(_rope_perm(r)) if hc.interleaved else torch.arange(r)  # adjacent pairs -> half split
+        s = hc.latent_scale
+
+        def q_rows(w):  # each head's rope rows back to our order
+            w = w.view(H, nope + r, -1)
+            return torch.cat([w[:, :nope], w[:, nope:][:, back]], 1).flatten(0, 1)
+
+        def unscale(w):  # export_hf's eps rescale, undone in fp64 (exact when written one precision wider)
+            return w if s == 1 else w.double() / s
+
+        def kv_a(w):  # rows [c_kv; k_pe]
+            c_kv, k_pe = unscale(w[: cfg.kv_lora_rank]), w[cfg.kv_lora_rank:][back]
+            return torch.cat([c_kv, k_pe.to(c_kv.dtype)])
+
+    def t(w):
+        return w.t()
+
+    for i, block in enumerate(model.layers):
+        p, a, f = f"model.layers.{i}.", block.attn, block.ffn
+        plan[p + "input_layernorm.weight"] = (block.attn_norm.weight, None)
+        plan[p + "post_attention_layernorm.weight"] = (block.ffn_norm.weight, None)
+        if cfg.attn == "gqa":
+            for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
+                plan[p + f"self_attn.{theirs}.weight"] = (getattr(a, ours).weight, None)
+        else:
+            if cfg.q_lora_rank == 0:
+                plan[p + "self_attn.q_proj.weight"] = (a.wq.weight, q_rows)
+            else:
+                plan[p + "self_attn.q_a_proj.weight"] = (a.wq_a.weight, unscale)
+                plan[p + "self_attn.q_a_layernorm.weight"] = (a.q_norm.weight, None)
+                plan[p + "self_attn.q_b_proj.weight"] = (a.wq_b.weight, q_rows)
+            plan[p + "self_attn.kv_a_proj_with_mqa.weight"] = (a.wkv_a.weight, kv_a)
+            plan[p + "self_attn.kv_a_layernorm.weight"] = (a.kv_norm.weight, None)
+            plan[p + "self_attn.kv_b_proj.weight"] = (a.wkv_b.weight, None)
+            plan[p + "self_attn.o_proj.weight"] = (a.wo.weight, None)
+        mlp = p + "mlp."
+        if not cfg.is_moe_layer(i):
+            plan[mlp + "gate_proj.weight"], plan[mlp + "up_proj.weight"] = (f.w1.weight, None), (f.w3.weight, None)
+            plan[mlp + "down_proj.weight"] = (f.w2.weight, None)
+            continue
+        plan[mlp + "gate.weight"] = (f.gate.weight, None)
+        if hc.model_type == "deepseek_v3":
+            plan[mlp + "gate.e_score_correction_bias"] = (f.gate.bias, None)
+        e = f.experts
+        for j in range(cfg.n_routed_experts):  # nn.Linear's (out, in) -> our stacked (in, out)
+            plan[mlp + f"experts.{j}.gate_proj.weight"] = (e.w1[j], t)
+            plan[mlp + f"experts.{j}.up_proj.weight"] = (e.w3[j], t)
+            plan[mlp + f"experts.{j}.down_proj.weight"] = (e.w2[j], t)
+        sh = f.shared_experts
+        if sh is not None:
+            plan[mlp + "shared_experts.gate_proj.weight"] = (sh.w1.weight, None)
+            plan[mlp + "shared_experts.up_proj.weight"] = (sh.w3.weight, None)
+            plan[mlp + "shared_experts.down_proj.weight"] = (sh.w2.weight, None)
+        else:  # transformers writes the shared MLP even at width 0
+            for k, shape in (("gate_proj", (0, cfg.dim)), ("up_proj", (0, cfg.dim)), ("down_proj", (cfg.dim, 0))):
+                plan[mlp + f"shared_experts.{k}.weight"] = (torch.empty(shape, device="meta"), None)
+    return {k: (dst, fn, tuple(dst.shape) if fn is not t else tuple(dst.shape)[::-1]) for k, (dst, fn) in plan.items()}
+
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """w (out, in) float8_e4m3fn times its per-block scale (ceil(out / b0), ceil(in / b1)), in fp32."""
+    rows = scale_inv.float().repeat_interleave(block[0], 0)[: w.shape[0]]
+    return w.float() * rows.repeat_interleave(block[1], 1)[:, : w.shape[1]]
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / f for f in files]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                            "(only safetensors weights are read: loading never unpickles code)")
+
+
+_MTP = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def load_mtp(model: DeepSeekV3, names: list[str], read) -> None:
+    """Multi-token-prediction layers (DeepSeek-V3 §2.2; tensors under model.layers.{n_layers + k}.*): the hook where
+    they load into the model's MTP module. dsv3 has none yet: they are reported by name and skipped. `read(name)`
+    returns a tensor, dequantised."""
+    if names:
+        kinds = sorted({re.sub(r"experts\.\d+\.", "experts.*.", n) for n in names})
+        warnings.warn(f"skipped {len(names)} multi-token-prediction tensors (dsv3 has no MTP module yet): "
+                      f"{', '.join(kinds)}", stacklevel=3)
+
+
+def from_hf(path: str | Path, *, dtype: torch.dtype | str | None = None,
+            device: torch.device | str | None = None) -> DeepSeekV3:
+    """A DeepSeekV3 holding the weights of a transformers model folder (config.json, then model.safetensors or
+    model.safetensors.index.json and its shards; deepseek_v2, deepseek_v3 or llama), in eval mode.
+
+    dtype: float32, bfloat16 or float16 (default: the folder's own `dtype`, float32 if it names none); FP8 weights
+    are dequantised to it. device: where the weights go (default cpu). The routers' correction bias stays fp32, as
+    transformers keeps it. model.tokenizer is the folder's tokenizer.json (None without one: use token ids with
+    dsv3.generate_tokens), unless the folder is a dsv3 export with the GPT-2 vocabulary (then tiktoken's, as usual).
+    Raises ValueError naming every unsupported config field, unknown tensor, missing tensor or wrong shape.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    hc = HFConfig(path)
+    cfg = hc.cfg
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        dtype = _DTYPES[dtype]
+    dtype = dtype or hc.dtype
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype}")
+    device = torch.device(device or "cpu")
+    files = _shard_files(path)
+    with torch.device("meta"):
+        model = DeepSeekV3(cfg)
+    plan = _weight_plan(model, hc)
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
+        where = {name: f for f, h in handles.items() for name in h.keys()}
+        mtp = [n for n in where if (m := _MTP.match(n)) and cfg.n_layers <= int(m.group(1)) < cfg.n_layers + hc.n_mtp]
+        scales = {n for n in where if n.endswith(".weight_scale_inv")}
+        unknown = sorted(set(where) - plan.keys() - set(mtp) - scales)
+        missing = sorted(plan.keys() - set(where))
+        if unknown or missing:
+            raise ValueError(f"{path}: the weights do not match config.json: " + "; ".join(
+                f"{what} {len(ns)} tensor(s): {', '.join(ns[:8])}{' ...' if len(ns) > 8 else ''}"
+                for what, ns in (("unknown", unknown), ("missing", missing)) if ns))
+        for name, (_, _, shape) in plan.items():
+            info = handles[where[name]].get_slice(name)
+            got = tuple(info.get_shape())
+            if got != shape:
+                raise ValueError(f"{path}: {name} has shape {list(got)}, config.json implies {list(shape)}")
+            fp8 = info.get_dtype().startswith("F8")
+            if fp8 != (name + "_scale_inv" in where) or fp8 and (hc.fp8_block is None or info.get_dtype() != "F8_E4M3"):
+                raise ValueError(f"{path}: {name} is {info.get_dtype()}: only float8_e4m3fn weights have a "
+                                 "weight_scale_inv, and they need both it and an fp8 quantization_config")
+        orphans = sorted(s for s in scales if s.removesuffix("_scale_inv") not in where)
+        if orphans:
+            raise ValueError(f"{path}: unknown tensor(s) {', '.join(orphans[:8])} (a scale without its weight)")
+
+        def read(name: str) -> torch.Tensor:  # dequantised (the checks above hold for MTP tensors too)
+            w = handles[where[name]].get_tensor(name)
+            if name + "_scale_inv" in where and hc.fp8_block is not None and w.dtype == torch.float8_e4m3fn:
+                w = dequantize_fp8(w, handles[where[name + "_scale_inv"]].get_tensor(name + "_scale_inv"), hc.fp8_block)
+            elif w.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                raise ValueError(f"{path}: {name} is {w.dtype}, which dsv3 does not load")
+            return w
+
+        model = model.to(dtype).to_empty(device=device)
+        if cfg.tie_embeddings:  # to_empty gave the head a tensor of its own
+            model.head.weight = model.embed.weight
+        with torch.no_grad():
+            for m in model.moe_layers():  # fp32 like transformers' e_score_correction_bias (and selection in fp32)
+                m.gate.bias = torch.zeros(cfg.n_routed_experts, device=device)
+                m.gate.step_load.zero_()
+                m.last_load.zero_()
+            plan = _weight_plan(model, hc)  # the same plan over the real tensors
+            for f in files:  # shard by shard, one tensor at a time
+                for name in handles[f].keys():
+                    if name in plan:
+                        dst, fn, _ = plan[name]
+                        w = read(name)
+                        if dst.numel():
+                            dst.copy_((fn(w) if fn is not None else w).to(device))
+            cos, sin = rope_tables(cfg)
+            model.rope_cos.copy_(cos)
+            model.rope_sin.copy_(sin)
+        load_mtp(model, mtp, read)
+    model.eval()
+    model.tokenizer = _tokenizer(path, hc)
+    if model.tokenizer is None and hc.provenance and cfg.vocab_size == 50257:
+        del model.tokenizer  # a dsv3 export without tokenizer files: GPT-2's r50k_base, dsv3's default
+    return model
+
+
+# --- tokenizer ---
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are written in."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+class HFTokenizer:
+    """A folder's tokenizer.json through the `tokenizers` package, with the calls dsv3.generate makes of tiktoken's
+    encoding (`encode_ordinary`, `decode_single_token_bytes`), plus the ids a prompt starts with (`bos`, or None) and
+    generation ends at (`eot`)."""
+
+    def __init__(self, file: Path, bos: int | None, eot: int | None):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(file))
+        self.bos, self.eot = bos, eot
+        decoder = json.dumps(json.loads(self.tok.to_str()).get("decoder"))
+        self.byte_level = '"ByteLevel"' in decoder
+        self.byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        self.special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        if token in self.special:
+            return b""
+        piece = self.tok.id_to_token(token)
+        if piece is None:
+            return b""
+        if self.byte_level and all(c in self.byte_of for c in piece):
+            return bytes(self.byte_of[c] for c in piece)
+        if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):  # sentencepiece byte fallback
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self.decode_single_token_bytes(t) for t in ids).decode("utf-8", errors="replace")
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) else x
+
+
+def _tokenizer(path: Path, hc: HFConfig) -> HFTokenizer | None:
+    if not (path / "tokenizer.json").is_file():
+        return None
+    gen = path / "generation_config.json"
+    g = json.loads(gen.read_text()) if gen.is_file() else {}
+    bos = _first(g.get("bos_token_id", hc.hf.get("bos_token_id")))
+    eot = _first(g.get("eos_token_id", hc.hf.get("eos_token_id")))
+    return HFTokenizer(path / "tokenizer.json", bos, eot)

@@ -1,0 +1,54 @@
+"""Replaces `layers.linear` (x @ W^T) on the CPU in fp32 with oneDNN's GEMM, the kernel inductor uses for CPU
+linears, for the forward and for dX = dY W; dW = dY^T X stays torch's matmul.
+
+Applies to fp32 CPU tensors without bias, outside autocast and torch.compile, with at least `MIN_ROWS` rows
+(one-token decoding keeps torch's matrix-vector product). `AVAILABLE` is False on torch builds without oneDNN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import layers
+from . import replaces
+
+AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+MIN_ROWS = 16  # fewer rows: torch's own matmul
+
+
+def onednn_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ w (N, K)^T in strict fp32 by oneDNN. Either operand may be a transposed view."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x @ w^T takes `onednn_mm`: fp32 on the CPU, eager, outside autocast, enough rows, and oneDNN
+    not switched off (torch.backends.mkldnn.flags(enabled=False))."""
+    return (AVAILABLE and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+            and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and x.numel() >= MIN_ROWS * x.shape[-1])
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """x @ W^T with oneDNN's GEMM for the forward and for dX = dY W; dW = dY^T X by torch's matmul."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, w)
+        return onednn_mm(x2, w).view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = onednn_mm(dy2, w.t()).view(*dy.shape[:-1], w.shape[1]) if ctx.needs_input_grad[0] else None
+        return dx, (dy2.t() @ x2 if ctx.needs_input_grad[1] else None)
+
+
+@replaces(layers.linear)
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    if bias is None and use_onednn(x, weight):
+        return OneDNNLinear.apply(x, weight)
+    return None
