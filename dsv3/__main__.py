@@ -44,7 +44,7 @@ def cmd_info(args) -> int:
     for title, values in cfg.sections().items():  # only the fields that apply to this architecture
         print(f"  {title}")
         for k, v in values.items():
-            print(f"    {k:<24} {v}")
+            print(f"    {k:<25} {v}")
     print("parameters")
     for k, v in counts.items():
         print(f"  {k:<26} {v:>13,}")
