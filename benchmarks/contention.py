@@ -43,14 +43,13 @@ POLICIES = {
 
 
 def worker(args) -> None:
-    if args.torch_first:
-        import torch  # noqa: F401  loads libgomp before dsv3 can set the wait policy
     import warnings
 
-    warnings.simplefilter("ignore", RuntimeWarning)  # the "torch imported first" warning is the point here
+    warnings.simplefilter("ignore", RuntimeWarning)  # the "torch imported first" warning is the point of "old"
+    if args.torch_first:
+        import torch  # loads libgomp before dsv3 can set the wait policy
+    import dsv3  # noqa: I001  (otherwise first, as a user should)
     import torch
-
-    import dsv3
     from dsv3.generate import generate_tokens
 
     if args.threads:
