@@ -166,9 +166,9 @@ def main(argv=None) -> None:
     if len(policies) > 1 and "old" in policies:
         for pol in policies:
             if pol != "old":
-                keep = {j: results[pol]["alone"][j] / max(results["old"]["alone"][j], 1e-9)
-                        for j in ("train", "generate")}
-                print(f"solo speed, {pol} / old: train {keep['train']:.2f}x, generate {keep['generate']:.2f}x "
+                keep = {j: f"{results[pol]['alone'][j] / results['old']['alone'][j]:.2f}x"
+                        if results["old"]["alone"][j] else "n/a (old measured 0)" for j in ("train", "generate")}
+                print(f"solo speed, {pol} / old: train {keep['train']}, generate {keep['generate']} "
                       f"(median of {args.rounds} interleaved rounds)")
     if args.json:
         print(json.dumps(results))
