@@ -27,6 +27,7 @@ from .config import ModelConfig
 from .layers import Expert, RMSNorm, onednn_mm, rope_cache, use_onednn, workspace
 from .mla import GQA, MLA, KVCache
 from .moe import MoE
+from .mtp import MTPLayer
 
 
 @dataclass
@@ -36,6 +37,8 @@ class ModelOutput:
     ce_loss: torch.Tensor | None = None  # next-token cross-entropy (nats per token)
     aux_loss: torch.Tensor | None = None  # aux_loss_coef * mean balance loss over MoE layers
     z_loss: torch.Tensor | None = None  # z_loss_coef * mean router z-loss over MoE layers
+    mtp_loss: torch.Tensor | None = None  # mtp_loss_weight / D * sum of the MTP depths' CE (0 without MTP)
+    hidden: torch.Tensor | None = None  # (B, T, dim) the last hidden state after the final norm (depth 1's input)
 
 
 CE_CHUNK = 256  # rows per chunk of the fused head + cross-entropy on the CPU, at least (x 50,257 fp32 = 51 MB, reused)
@@ -284,6 +287,10 @@ class DeepSeekV3(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        # multi-token prediction (DeepSeek-V3 §2.2): depth k's block is layer k - 1 of its own cache, and MoE even
+        # where the trunk's first layers are dense (as in DeepSeek-V3, whose MTP layer is an MoE layer)
+        self.mtp = nn.ModuleList(MTPLayer(cfg, Block(k, cfg.replace(n_dense_layers=0)))
+                                 for k in range(cfg.n_mtp_layers)) if cfg.n_mtp_layers else None
         rope_dim = cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.head_dim
         cos, sin = rope_cache(rope_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -301,12 +308,14 @@ class DeepSeekV3(nn.Module):
             else:
                 residual = name.endswith(("wo.weight", "w2.weight", ".w2"))
                 nn.init.normal_(p, mean=0.0, std=resid_std if residual else std)
-        for m in self.moe_layers():
+        for m in self.moe_layers(mtp=True):
             m.gate.bias.zero_()
 
     # --- helpers the trainer, generator and plots use ---
-    def moe_layers(self) -> list[MoE]:
-        return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
+    def moe_layers(self, mtp: bool = False) -> list[MoE]:
+        """The trunk's MoE layers; mtp=True: then the MTP blocks' too."""
+        blocks = list(self.layers) + ([m.block for m in self.mtp] if mtp and self.mtp is not None else [])
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
 
     def expert_loads(self) -> torch.Tensor:
         """(n_moe_layers, n_routed_experts) routed-slot counts of the last forward."""
@@ -319,7 +328,7 @@ class DeepSeekV3(nn.Module):
         """torch.compile each Block in place (regional compilation). The blocks run the same code, so they share
         one compiled graph (tests/test_perf.py) where a whole-model compile traces every layer. Parameter names
         are unchanged, so checkpoints do not notice. The embedding and the fused head + cross-entropy stay eager."""
-        for block in self.layers:
+        for block in [*self.layers, *(m.block for m in self.mtp or [])]:  # MTP blocks: T - k positions
             block.compile()
 
     @torch.no_grad()
@@ -350,7 +359,7 @@ class DeepSeekV3(nn.Module):
 
     def update_router_bias(self) -> None:
         """Aux-loss-free balancing: apply each gate's bias update (call once per optimizer step)."""
-        for m in self.moe_layers():
+        for m in self.moe_layers(mtp=True):
             m.gate.update_bias()
 
     def new_cache(self, batch: int, max_len: int | None = None, *, absorb: bool = True,
@@ -419,8 +428,9 @@ class DeepSeekV3(nn.Module):
         mask = self._mask(cache, T) if cache is not None else None
         fused = targets is not None and not return_logits
         w = self.embed.weight
-        tied = _TiedGrad() if fused and self.head.weight is w and w.requires_grad and torch.is_grad_enabled() else None
-        x = TiedEmbedding.apply(w, tokens, tied) if tied is not None else self.embed(tokens)
+        tied = _TiedGrad() if fused and self.head.weight is w and w.requires_grad and torch.is_grad_enabled() \
+            and self.mtp is None else None  # (with MTP the head runs 1 + D times: autograd sums the dense grads)
+        x = emb = TiedEmbedding.apply(w, tokens, tied) if tied is not None else self.embed(tokens)
         balances, zs = [], []
         for block in self.layers:
             x, balance, z = block(x, cos, sin, cache, mask, losses=targets is not None)
@@ -429,7 +439,7 @@ class DeepSeekV3(nn.Module):
                 zs.append(z)
         if cache is not None:
             cache.pos += T
-        h = self.norm(x)
+        hidden = h = self.norm(x)
         if fused:
             logits = None
             ce = linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.reshape(-1).long(), tied)
@@ -440,13 +450,39 @@ class DeepSeekV3(nn.Module):
                 h = h[:, -1:]
             logits = self.head(h)
             if targets is None:
-                return ModelOutput(logits=logits)
+                return ModelOutput(logits=logits, hidden=hidden)
             ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).long(),
                                  ignore_index=-100)
         zero = ce.new_zeros(())
+        mtp = self._mtp_loss(hidden, emb, targets, cos, sin, fused, balances, zs) if self.mtp is not None else zero
         aux = self.cfg.aux_loss_coef * torch.stack(balances).mean() if balances else zero
         z = self.cfg.z_loss_coef * torch.stack(zs).mean() if zs else zero
-        return ModelOutput(logits=logits, loss=ce + aux + z, ce_loss=ce, aux_loss=aux, z_loss=z)
+        return ModelOutput(logits=logits, loss=ce + aux + z + mtp, ce_loss=ce, aux_loss=aux, z_loss=z, mtp_loss=mtp,
+                           hidden=hidden)
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, fused: bool) -> torch.Tensor:
+        """Mean CE of head(h) (B, T, dim) against targets (B, T) (-100 = ignored): the fused chunked head +
+        cross-entropy when fused, else full logits and F.cross_entropy. The MTP depths' loss path."""
+        if fused:
+            return linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.reshape(-1).long())
+        logits = self.head(h)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1).long(), ignore_index=-100)
+
+    def _mtp_loss(self, h, emb, targets, cos, sin, fused, balances, zs) -> torch.Tensor:
+        """lambda / D * sum_k L_MTP^k (DeepSeek-V3 eq. 24-25). Depth k at position i reads h_i^{k-1} and Emb(t_{i+k})
+        and is scored on t_{i+k+1} = targets[i + k], for i = 0 .. T-k-1: nothing past the sequence's end. L^k is
+        the mean over those positions (the paper divides by T). The MTP blocks' router losses join `balances`."""
+        T, losses = targets.shape[1], []
+        for k, layer in enumerate(self.mtp, start=1):
+            if T - k < 1:
+                break
+            h, balance, z = layer(h[:, :T - k], emb[:, k:], cos[:T - k], sin[:T - k])
+            losses.append(self.head_loss(h, targets[:, k:], fused))
+            if balance is not None:
+                balances.append(balance)
+                zs.append(z)
+        total = torch.stack(losses).sum() if losses else h.new_zeros((), dtype=torch.float32)
+        return self.cfg.mtp_loss_weight / len(self.mtp) * total
 
 
 def count_params(model: DeepSeekV3) -> dict[str, int]:
@@ -454,15 +490,22 @@ def count_params(model: DeepSeekV3) -> dict[str, int]:
 
     Active = total minus the routed experts a token does not use ((N_r - K_r) per MoE layer).
     The embedding counts once: with tied weights it is the output head every token runs.
+    With MTP modules (their embedding and head are the main model's): "mtp" and "mtp_active" count their own
+    parameters, part of total and active (training runs them), and "inference_total" / "inference_active" count
+    what decoding without speculation uses (total and active minus the MTP modules').
     """
     cfg = model.cfg
     seen: set[int] = set()
+    mtp = 0
     parts = {"embedding": 0, "attention": 0, "routed_experts": 0, "shared_experts": 0, "dense_mlp": 0,
              "router": 0, "norms": 0, "head": 0}
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue
         seen.add(id(p))
+        if name.startswith("mtp."):
+            mtp += p.numel()
+            continue
         if name.startswith("embed"):
             key = "embedding"
         elif name.startswith("head"):
@@ -480,8 +523,14 @@ def count_params(model: DeepSeekV3) -> dict[str, int]:
         else:
             key = "norms"
         parts[key] += p.numel()
-    total = sum(parts.values())
-    n_moe = len(model.moe_layers())
+    total = sum(parts.values()) + mtp
     per_expert = 3 * cfg.dim * cfg.moe_inter_dim
-    inactive = n_moe * (cfg.n_routed_experts - cfg.n_activated_experts) * per_expert if n_moe else 0
-    return {"total": total, "active": total - inactive, **parts}
+    unused = (cfg.n_routed_experts - cfg.n_activated_experts) * per_expert  # per MoE layer
+    inactive = len(model.moe_layers()) * unused
+    counts = {"total": total, "active": total - inactive, **parts}
+    if model.mtp is not None:
+        mtp_active = mtp - (len(model.moe_layers(mtp=True)) - len(model.moe_layers())) * unused
+        counts["active"] -= mtp - mtp_active
+        counts.update(mtp=mtp, mtp_active=mtp_active, inference_total=total - mtp,
+                      inference_active=counts["active"] - mtp_active)
+    return counts
