@@ -4,6 +4,7 @@ identical to plain decoding (batches with left padding, both cache paths, severa
 model's distribution (chi-square), the acceptance rule, the routing trace and refused inputs."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -342,3 +343,130 @@ def test_speculative_edges_zero_tokens_and_the_longest_generation(trained):
     plain, _ = run(trained, tokens, n, temperature=0)
     spec, _ = run(trained, tokens, n, temperature=0, speculative=True)
     assert torch.equal(plain, spec)
+
+
+# --- training with MTP: logged, resumed exactly, CLI, bf16, compiled blocks, data parallel ---
+
+needs_corpus = pytest.mark.skipif(not os.environ.get("DSV3_CORPUS"), reason="needs DSV3_CORPUS (Tiny Shakespeare)")
+FAST = dict(dim=32, n_layers=2, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+            moe_inter_dim=32, bias_update_speed=1e-2, n_mtp_layers=1)
+TRAIN = dict(preset="tiny", batch_size=4, seq_len=32, lr=3e-3, warmup=2, threads=1, eval_interval=1000,
+             eval_batches=1, progress=False)
+
+
+@pytest.fixture
+def data_dir(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DSV3_DATA_DIR", str(tmp_path_factory.getbasetemp() / "dsv3-cache"))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+
+
+@needs_corpus
+def test_training_logs_mtp_and_resumes_it_exactly(tmp_path, data_dir):
+    kw = dict(TRAIN, model_overrides=FAST, grad_accum=2, decay_steps=8)
+    full = dsv3.train(steps=8, out=str(tmp_path / "full"), **kw)
+    part = dsv3.train(steps=5, out=str(tmp_path / "part"), **kw)
+    rest = dsv3.train(resume=tmp_path / "part", steps=3, progress=False)
+    for key in ("loss", "ce", "aux", "z", "mtp", "grad_norm", "expert_load"):
+        assert rest.column(key) == full.column(key), key  # exactly equal
+    r = full.train[-1]
+    assert r["mtp"] > 0 and r["loss"] == pytest.approx(r["ce"] + r["aux"] + r["z"] + r["mtp"], rel=1e-5)
+    assert part.train[0]["mtp"] == pytest.approx(0.3 * math.log(50257), rel=0.05)  # lambda x CE at init
+    a, b = full.model.state_dict(), rest.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and any(k.startswith("mtp.0.block.") for k in a)
+    # the MTP block's router bias follows its own load, like the trunk's
+    assert full.model.mtp[0].block.ffn.gate.bias.abs().sum() > 0
+    assert "mtp" in dsv3.History.from_jsonl(tmp_path / "full" / "metrics.jsonl").train[0]
+    plain = dsv3.train(steps=1, out=str(tmp_path / "plain"), model_overrides={**FAST, "n_mtp_layers": 0}, **TRAIN)
+    assert "mtp" not in plain.train[0]  # runs without MTP log what they always logged
+
+
+@needs_corpus
+def test_cli_train_mtp_flags_then_speculative_generate(tmp_path, data_dir, capsys):
+    from dsv3.__main__ import main
+
+    out = tmp_path / "run"
+    common = ["--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--no-progress", "--threads", "1"]
+    fast = [f"--set={k}={v}" for k, v in FAST.items() if k != "n_mtp_layers"]
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--out", str(out), "--mtp-layers", "2",
+                 "--mtp-weight", "0.5", *common, *fast]) == 0
+    cfg = dsv3.load_checkpoint(out).cfg
+    assert (cfg.n_mtp_layers, cfg.mtp_loss_weight, cfg.dim) == (2, 0.5, 32)
+    assert main(["train", "--resume", str(out), "--steps", "1", "--mtp-layers", "1", *common]) == 2
+    assert "cannot be combined with --resume" in capsys.readouterr().err
+    args = ["generate", "--checkpoint", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "10", "--temperature",
+            "0", "--threads", "1"]
+    capsys.readouterr()
+    assert main(args) == 0
+    want = capsys.readouterr().out
+    assert main(args + ["--speculative"]) == 0 and capsys.readouterr().out == want
+    assert main(args + ["--speculative", "--stream", "--naive-cache"]) == 0 and capsys.readouterr().out == want
+    plain = tmp_path / "plain"
+    dsv3.save_checkpoint(plain, make(vocab_size=50257), step=0)
+    assert main(["generate", "--checkpoint", str(plain), "--speculative", "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: speculative=True") and "n_mtp_layers=0" in err and err.count("\n") == 1
+
+
+def test_bf16_autocast_and_gradient_accumulation():
+    model = make(n_mtp_layers=2, scale=2).train()
+    torch.manual_seed(5)
+    x, y = torch.randint(0, 32, (4, 16)), torch.randint(0, 32, (4, 16))
+    ref = model(x, y, return_logits=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, y, return_logits=False)
+    assert torch.isfinite(out.loss) and out.mtp_loss.item() == pytest.approx(ref.mtp_loss.item(), rel=3e-2)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # two micro-batches of 2 rows each accumulate the gradient of the 4-row batch (the balance loss is a
+    # statistic of the whole batch, so it is switched off for this comparison)
+    model.cfg = model.cfg.replace(aux_loss_coef=0.0)
+    full = {n: g.clone() for n, g in _grads(model, [(x, y)]).items()}
+    acc = _grads(model, [(x[:2], y[:2]), (x[2:], y[2:])])
+    for n in full:
+        assert torch.allclose(full[n], acc[n], atol=1e-5, rtol=1e-4), n
+
+
+def _grads(model, batches):
+    model.zero_grad()
+    for x, y in batches:
+        (model(x, y, return_logits=False).loss / len(batches)).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.slow
+def test_compiled_blocks_compute_the_eager_mtp_loss():
+    model = make(n_mtp_layers=1, scale=2).train()
+    torch.manual_seed(6)
+    x, y = torch.randint(0, 32, (2, 16)), torch.randint(0, 32, (2, 16))
+    eager = model(x, y, return_logits=False)
+    model.compile_blocks()
+    compiled = model(x, y, return_logits=False)
+    assert torch.allclose(compiled.mtp_loss, eager.mtp_loss, atol=1e-4)
+    assert torch.allclose(compiled.loss, eager.loss, atol=1e-4)
+    compiled.loss.backward()
+    assert model.mtp[0].block.attn.wo.weight.grad.abs().sum() > 0
+
+
+@needs_corpus
+@pytest.mark.slow
+def test_two_ranks_train_mtp_like_one_process(tmp_path, data_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = dict(TRAIN, batch_size=8, eval_batches=1)
+    ref = dsv3.train(model_overrides=FAST, steps=4, grad_accum=4, out=str(tmp_path / "ref"), **run)
+    args = ["--preset=tiny", "--steps=4", f"--out={tmp_path / 'run'}", "--batch-size=8", "--seq-len=32", "--lr=3e-3",
+            "--warmup=2", "--eval-interval=1000", "--eval-batches=1", "--threads=1", "--no-progress",
+            "--grad-accum=2", "--mtp-layers=1", *[f"--set={k}={v}" for k, v in FAST.items() if k != "n_mtp_layers"]]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                        "dsv3", "train", *args], cwd=root, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = dsv3.History.from_jsonl(tmp_path / "run" / "metrics.jsonl")
+    for key in ("loss", "mtp"):
+        assert got.column(key) == pytest.approx(ref.column(key), abs=1e-5), key
+    b = dsv3.load_checkpoint(tmp_path / "run").mtp[0].block.ffn.gate.bias
+    assert b.abs().sum() > 0 and torch.allclose(b, ref.model.mtp[0].block.ffn.gate.bias, atol=1e-6)
