@@ -108,9 +108,6 @@ def _check_sampling(model, temperature, top_k, top_p, cache, compile=False, spec
         if cache == "none":
             raise ValueError("speculative=True needs a cache to roll back (cache='absorbed' or 'naive', "
                              "got cache='none')")
-        if compile:
-            raise ValueError("speculative=True runs its multi-position steps eagerly; compile=True is for plain "
-                             "decoding (pass one of them)")
 
 
 def _check_length(model, prompt_len: int, max_new_tokens) -> None:
@@ -187,8 +184,9 @@ def generate_tokens(model: DeepSeekV3, tokens: torch.Tensor, max_new_tokens: int
     The model is put in eval mode for the loop and restored afterwards. compile=True runs the one-position
     steps through `DeepSeekV3.decode_step(compiled=True)` (torch.compile; the first call compiles for a while).
     speculative=True drafts with the model's MTP modules and verifies the drafts in one forward (speculative.py):
-    greedy ids are identical to plain decoding's, sampled ids follow the same distribution. `drafts` (a list)
-    then receives, per yielded step, the (B,) ids of the drafts proposed for it (-1: none).
+    greedy ids are identical to plain decoding's, sampled ids follow the same distribution; with compile=True the
+    verifying forwards run compiled. `drafts` (a list) then receives, per yielded step, the (B,) ids of the drafts
+    proposed for it (-1: none).
     """
     _check_sampling(model, temperature, top_k, top_p, cache, compile, speculative)
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] < 1:
@@ -201,7 +199,7 @@ def generate_tokens(model: DeepSeekV3, tokens: torch.Tensor, max_new_tokens: int
         from .speculative import speculative_loop
 
         return speculative_loop(model, tokens, max_new_tokens, (temperature, top_k, top_p, gen), cache, key_mask,
-                                trace, drafts)
+                                trace, drafts, compile)
     return _loop(model, tokens, max_new_tokens, (temperature, top_k, top_p, gen), cache, key_mask, trace, compile)
 
 

@@ -28,6 +28,26 @@ from .generate import draw, probabilities
 from .mla import KVCache
 
 
+def verify_compiled(model, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """model(tokens, cache=cache) for T new positions per row, tokens (B, T), with static shapes: the blocks' one-token
+    step (`Block.decode`, torch.compile'd as in `DeepSeekV3.decode_step`) over T positions at once, against the whole
+    absorbed cache under a mask. -> logits (B, T, V) and the hidden states after the final norm (B, T, dim)."""
+    from .model import _compiled_block_decode
+
+    dev = model.rope_cos.device
+    T = tokens.shape[1]
+    pos = torch.arange(cache.pos, cache.pos + T, device=dev)
+    cos, sin = model.rope_cos.index_select(0, pos), model.rope_sin.index_select(0, pos)
+    mask = model._mask(cache, T, whole_cache=True)  # causal over the written slots, minus padding
+    x = model.embed(tokens)
+    step = _compiled_block_decode(dev.type)
+    for block in model.layers:
+        x = step(block, x, cos, sin, cache.c_kv[block.layer_id], cache.k_pe[block.layer_id], pos, mask)
+    cache.pos += T
+    h = model.norm(x)
+    return model.head(h), h
+
+
 def judge(logits: torch.Tensor, q: torch.Tensor | None, d: torch.Tensor, temperature: float, top_k: int = 0,
           top_p: float = 1.0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The acceptance rule for k drafts d (B, k) drawn from q (B, k, V) (None when greedy), given the main model's
@@ -57,9 +77,11 @@ def judge(logits: torch.Tensor, q: torch.Tensor | None, d: torch.Tensor, tempera
 
 
 @torch.inference_mode()
-def speculative_loop(model, tokens, max_new_tokens, sampling, cache, key_mask, trace, drafts):
+def speculative_loop(model, tokens, max_new_tokens, sampling, cache, key_mask, trace, drafts, compile=False):
     """generate._loop with MTP drafts: yields (B,) ids one position at a time, like it. `drafts` (a list, or None):
-    one (B,) tensor per yielded position, the draft proposed for it (-1: none, the main model chose it alone)."""
+    one (B,) tensor per yielded position, the draft proposed for it (-1: none, the main model chose it alone).
+    compile=True: the verifying forwards go through the compiled static-shape blocks (`verify_compiled`); the
+    prompt and the MTP module run eagerly."""
     temperature, top_k, top_p, gen = sampling
     greedy = temperature == 0
     device = model.embed.weight.device
@@ -86,11 +108,15 @@ def speculative_loop(model, tokens, max_new_tokens, sampling, cache, key_mask, t
         its hidden states are kept for the MTP modules."""
         nonlocal hid
         with autocast:
-            out = model(seq[:, start:end], cache=kv, last_logits=last_only)
+            if compile and start > 0 and trace is None:
+                logits, hidden = verify_compiled(model, seq[:, start:end], kv)
+            else:
+                out = model(seq[:, start:end], cache=kv, last_logits=last_only)
+                logits, hidden = out.logits, out.hidden
         if hid is None:
-            hid = out.hidden.new_empty(B, N, cfg.dim)
-        hid[:, start:end] = out.hidden
-        return out.logits.float()
+            hid = hidden.new_empty(B, N, cfg.dim)
+        hid[:, start:end] = hidden
+        return logits.float()
 
     def route(keep: int) -> None:
         """Trace the routing of the first `keep` positions of the main model's last forward (the kept ones)."""
