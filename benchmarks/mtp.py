@@ -82,12 +82,12 @@ def speed(model, prompts, new_tokens: int, repeats: int, compile: bool) -> dict:
     return {m: statistics.median(r) for m, r in rates.items()}
 
 
-def train_runs(out: Path, seconds: float, threads: int | None) -> tuple[Path, Path]:
+def train_runs(out: Path, seconds: float, threads: int | None, eval_batches: int | None) -> tuple[Path, Path]:
     runs = []
     for d in (1, 0):
         folder = out / f"tiny-mtp{d}"
         dsv3.train(preset="tiny", model_overrides={"n_mtp_layers": d} if d else {}, time_limit=seconds,
-                   out=str(folder), overwrite=True, threads=threads)
+                   out=str(folder), overwrite=True, threads=threads, eval_batches=eval_batches)
         runs.append(folder)
     return runs[0], runs[1]
 
@@ -117,7 +117,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.train:
-        args.mtp_run, args.plain_run = train_runs(args.out, args.time, args.threads)
+        args.mtp_run, args.plain_run = train_runs(args.out, args.time, args.threads, args.eval_batches)
     if args.mtp_run is None:
         ap.error("give --mtp-run (and --plain-run), or --train")
     results = {"torch": torch.__version__, "threads": torch.get_num_threads()}
