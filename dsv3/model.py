@@ -3,7 +3,8 @@
 A pre-norm decoder: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)), where Attn is MLA (or GQA for the
 dense baseline) and FFN is DeepSeekMoE (or a dense SwiGLU for the first n_dense_layers / the
 baseline). `forward(tokens, targets)` returns logits and, with targets, the losses
-loss = ce + aux_loss_coef * balance + z_loss_coef * z (router losses averaged over MoE layers).
+loss = ce + aux_loss_coef * balance + z_loss_coef * z (router losses averaged over MoE layers)
++ mtp_loss_weight / D * sum_k CE_k with D multi-token prediction modules (`mtp.MTPLayer`, DeepSeek-V3 §2.2).
 Targets are the next tokens, already shifted by the data pipeline; the model never shifts again.
 Incremental decoding goes through `new_cache()`; the model advances the cache's position.
 `decode_step(tokens, cache, compiled=...)` is one decoding position with static shapes, eager or with every

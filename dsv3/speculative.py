@@ -1,4 +1,4 @@
-"""Self-speculative decoding with the model's own multi-token prediction modules as the draft (DeepSeek-V3 §5.4.3).
+"""Self-speculative decoding with the model's own multi-token prediction modules (DeepSeek-V3 §2.2) as the draft.
 
 Each round, with tokens t_0 .. t_{n-1} decided and the main model's hidden states h_0 .. h_{n-2} known:
   draft   -- MTP depth k (k = 1 .. D) reads h^{k-1} and the tokens k ahead and proposes d_k for position n + k - 1;
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .data import EOT
-from .generate import draw, probabilities
+from .generate import draw, probabilities, sample
 from .mla import KVCache
 
 
@@ -165,7 +165,7 @@ def speculative_loop(model, tokens, max_new_tokens, sampling, cache, key_mask, t
         none = torch.full((B,), -1, dtype=torch.long, device=device)
         n, mtp_pos = P, 0  # n tokens decided (yielded or about to be); MTP caches valid below mtp_pos
         if N > P:
-            seq[:, P] = logits.argmax(-1) if greedy else draw(probabilities(logits, temperature, top_k, top_p), gen)
+            seq[:, P] = sample(logits, temperature, top_k, top_p, gen)
         pending = [none]  # the draft behind each decided token not yet yielded
         while True:
             for proposal in pending:
