@@ -230,7 +230,7 @@ class MLA(nn.Module):
         is True for the slots it may see (those up to pos, minus padding)."""
         q, c, kpe = self._project(x, cos, sin)
         q_nope, q_pe = self._heads(q, cos, sin)
-        c_kv.index_copy_(1, pos.view(-1), c.to(c_kv.dtype))  # (pos may also hold T positions, for T new rows)
+        c_kv.index_copy_(1, pos.view(-1), c.to(c_kv.dtype))  # (or T positions (T,) for T new tokens per row)
         k_pe.index_copy_(1, pos.view(-1), kpe.to(k_pe.dtype))
         return self.wo(self._absorbed(q_nope, q_pe, c_kv.to(x.dtype), k_pe.to(x.dtype), mask))
 
