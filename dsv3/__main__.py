@@ -22,7 +22,7 @@ def cmd_info(args) -> int:
     from .config import ModelConfig
     from .model import DeepSeekV3, count_params
 
-    cfg = ModelConfig.preset(args.preset)
+    cfg = ModelConfig.preset(args.preset, **({"n_mtp_layers": args.mtp_layers} if args.mtp_layers else {}))
     with torch.device("meta"):  # shapes only: no memory, no init time
         model = DeepSeekV3(cfg)
     counts = count_params(model)
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a preset's config and parameter counts")
     p.add_argument("--preset", default="174m", choices=list(PRESETS))
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--mtp-layers", type=int, default=0, metavar="D",
+                   help="count D multi-token prediction modules too (as `train --mtp-layers D` builds)")
     p.set_defaults(func=cmd_info)
     from .train import add_cli_args, cmd_train
 
