@@ -8,7 +8,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-NOTEBOOKS := 01_mla 02_moe_router 03_phase1_training 04_phase2_resume 05_playground
+NOTEBOOKS := 01_mla 02_moe_router 03_phase1_training 04_phase2_resume 05_playground 06_mtp
 # CI runs the notebooks on the tiny preset for NB_STEPS steps, writing checkpoints and figures to a temporary
 # folder (the committed figures/ and checkpoints/ are never touched by a test).
 NB_STEPS ?= 20
@@ -36,8 +36,8 @@ run: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Notebooks 01-02 strictly against their committed outputs; 03-05 in one session, in order (04 resumes 03's
-# checkpoint, 05 loads it), checking only their assert cells.
+# Notebooks 01-02 strictly against their committed outputs; 03-06 in one session, in order (04 resumes 03's
+# checkpoint, 05 loads it; 06 trains its own two runs), checking only their assert cells.
 nbval: $(STAMP)
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	export DSV3_PRESET=tiny DSV3_STEPS=$(NB_STEPS) DSV3_CKPT_DIR="$$tmp/checkpoints" DSV3_FIG_DIR="$$tmp/figures" && \
@@ -45,7 +45,8 @@ nbval: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
 	  --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks/01_mla.ipynb notebooks/02_moe_router.ipynb && \
 	$(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
-	  notebooks/03_phase1_training.ipynb notebooks/04_phase2_resume.ipynb notebooks/05_playground.ipynb && \
+	  notebooks/03_phase1_training.ipynb notebooks/04_phase2_resume.ipynb notebooks/05_playground.ipynb \
+	  notebooks/06_mtp.ipynb && \
 	echo "nbval: $$(( $$(date +%s) - start )) s"
 
 # The browser test needs Debian's chromium; install it when we can (root + apt), else that test skips.

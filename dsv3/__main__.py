@@ -29,7 +29,8 @@ def cmd_info(args) -> int:
 
         cfg, name = hf_model_config(args.hf), f"hf {args.hf}"
     else:
-        cfg, name = ModelConfig.preset(args.preset), f"preset {args.preset}"
+        cfg = ModelConfig.preset(args.preset, **({"n_mtp_layers": args.mtp_layers} if args.mtp_layers else {}))
+        name = f"preset {args.preset}"
     with torch.device("meta"):  # shapes only: no memory, no init time
         model = DeepSeekV3(cfg)
     counts = count_params(model)
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf", metavar="PATH", default=None, help="a transformers model folder instead of a preset "
                    "(its config.json is enough) (default: none, use --preset)")
     p.add_argument("--json", action="store_true", help="machine-readable output (the full config)")
+    p.add_argument("--mtp-layers", type=int, default=0, metavar="D",
+                   help="count D multi-token prediction modules too (as `train --mtp-layers D` builds)")
     p.set_defaults(func=cmd_info)
     from .train import add_cli_args, cmd_train
 

@@ -235,9 +235,8 @@ def load_weights(model: DeepSeekV3, ckpt: str | os.PathLike) -> None:
     """Load model.safetensors of `ckpt` into `model`; configs must match."""
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
-    # a field added to ModelConfig after the checkpoint was written takes its default (which keeps the old model)
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    theirs, ours = {**defaults, **meta["config"]}, model.cfg.to_dict()
+    # through ModelConfig: fields added since the checkpoint was written (n_mtp_layers, ...) take their defaults
+    theirs, ours = ModelConfig.from_dict(meta["config"]).to_dict(), model.cfg.to_dict()
     diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if diff:
         detail = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs model {ours.get(k)!r}" for k in diff)

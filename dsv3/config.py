@@ -79,6 +79,9 @@ class ModelConfig:
     latent_norm_eps: float | None = None  # epsilon of MLA's latent norms (c_kv, c_q); None = norm_eps (DeepSeek: 1e-6)
     tie_embeddings: bool = True  # output head shares the token embedding matrix
     init_std: float = 0.02  # std of the normal init; residual outputs use init_std / sqrt(2 * n_layers)
+    # --- multi-token prediction (DeepSeek-V3 §2.2) ---
+    n_mtp_layers: int = 0  # D: MTP modules, depth k predicts the token k + 1 ahead (0 = off)
+    mtp_loss_weight: float = 0.3  # lambda: loss = ... + lambda / D * (sum of the depths' cross-entropies)
 
     def __post_init__(self):
         def need(ok, msg):
@@ -140,6 +143,8 @@ class ModelConfig:
             need(self.route_scale > 0, f"route_scale must be > 0, got {self.route_scale}")
             for name in ("aux_loss_coef", "z_loss_coef", "bias_update_speed"):
                 need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.n_mtp_layers >= 0, f"n_mtp_layers must be >= 0, got {self.n_mtp_layers}")
+        need(self.mtp_loss_weight >= 0, f"mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}")
         need(self.rope_theta > 0 and self.norm_eps > 0 and self.init_std > 0,
              "rope_theta, norm_eps and init_std must be > 0")
         need(self.latent_norm_eps is None or self.latent_norm_eps > 0,

@@ -62,7 +62,7 @@ class DataParallel:
     def reduce_step(self, sums: torch.Tensor, model) -> torch.Tensor:
         """One all-reduce per step: the per-rank mean losses -> the global mean (returned), and each gate's
         step_load -> the global routed-slot count (written back, so update_router_bias() sees the global load)."""
-        loads = [m.gate.step_load for m in model.moe_layers()]
+        loads = [m.gate.step_load for m in model.moe_layers(mtp=True)]
         flat = torch.cat([sums.to(self.device), *loads])
         dist.all_reduce(flat)
         start = sums.numel()

@@ -27,8 +27,13 @@ Weight rewrites (all exact):
   experts      -- our stacked w1/w3 (N, dim, inter), w2 (N, inter, dim) become the per-expert
                   gate_proj/up_proj/down_proj matrices of DeepSeek's own checkpoints (transformers fuses them
                   on load; other serving stacks read the same names).
+  MTP layers   -- depth k is written as DeepSeek-V3 writes its MTP layer, model.layers.{n_layers + k - 1}: enorm,
+                  hnorm, eh_proj, shared_head.norm and the block's usual names (the embedding and head are the
+                  main model's, not repeated), with num_nextn_predict_layers in config.json. transformers'
+                  DeepseekV3 drafts with it in generate(..., use_mtp=True); DeepseekV2 (softmax routing) loads the
+                  main model and leaves the MTP layer unread.
 Deliberately not here: tokenizer files (we use tiktoken's r50k_base; point users at the GPT-2 tokenizer),
-multi-token-prediction heads (we have none), dtype conversion (tensors keep the model's dtype, but for the
+dtype conversion (tensors keep the model's dtype, but for the
 rescaled latent rows). Importing is `dsv3/hf.py`. `transformers` is optional: imported only inside functions.
 """
 
@@ -42,6 +47,7 @@ import torch
 
 from .config import ModelConfig
 from .model import DeepSeekV3
+from .moe import MoE
 
 EOT = 50256  # <|endoftext|> of r50k_base: bos and eos of the exported model
 HF_LATENT_NORM_EPS = 1e-6  # eps transformers gives DeepseekV2/V3's kv_a_layernorm and q_a_layernorm
@@ -78,6 +84,10 @@ def unsupported_settings(model: DeepSeekV3) -> list[str]:
         bad.append("yarn_factor > 1 with attn='gqa': YaRN is exported for MLA (DeepSeek) models only")
     if cfg.has_moe and cfg.score_func == "sigmoid" and cfg.group_score == "max" and not _groups_noop(cfg):
         bad.append("group_score='max' with score_func='sigmoid': DeepseekV3 ranks a group by the sum of its top two")
+    if model.mtp is not None and (cfg.attn == "gqa" or not cfg.has_moe):
+        bad.append(f"n_mtp_layers={cfg.n_mtp_layers} with attn={cfg.attn!r}, ffn={cfg.ffn!r}: DeepSeek's MTP layer "
+                   "is an MLA + MoE block (transformers builds it so), and Llama has none (use attn='mla', "
+                   "ffn='moe')")
     if cfg.attn == "gqa":
         if cfg.has_moe:
             bad.append("attn='gqa' with ffn='moe': no transformers class combines LLaMA attention with "
@@ -93,7 +103,7 @@ def unsupported_settings(model: DeepSeekV3) -> list[str]:
         bad.append(f"n_expert_groups={cfg.n_expert_groups}, n_limited_groups={cfg.n_limited_groups} with "
                    "score_func='softmax': DeepseekV2's group_limited_greedy ranks a group by its best expert, "
                    "ours by the sum of its top two (use group_score='max', or score_func='sigmoid' for DeepseekV3)")
-    for i, m in enumerate(model.moe_layers()):
+    for i, m in enumerate(model.moe_layers(mtp=True)):
         b = m.gate.bias
         if not torch.all(b == b[0]):  # a constant shift of every score does not change the selection
             bad.append(f"the router bias of MoE layer {i} is nonzero (aux-loss-free balancing, bias_update_speed="
@@ -133,10 +143,11 @@ def hf_config(model: DeepSeekV3):
         first_k_dense_replace=cfg.n_dense_layers if cfg.has_moe else cfg.n_layers,
         moe_layer_freq=1,  # read by other serving stacks (DeepSeek's own config field)
     )
-    if arch == "DeepseekV2ForCausalLM":
+    if arch == "DeepseekV2ForCausalLM":  # (DeepseekV2 reads no MTP layer: num_nextn_predict_layers is for others)
         topk_method = "greedy" if _groups_noop(cfg) else "group_limited_greedy"
-        return transformers.DeepseekV2Config(**common, **mla, topk_method=topk_method, scoring_func="softmax")
-    return transformers.DeepseekV3Config(**common, **mla, rope_interleave=True, num_mtp_layers=0,
+        return transformers.DeepseekV2Config(**common, **mla, topk_method=topk_method, scoring_func="softmax",
+                                             **({"num_nextn_predict_layers": cfg.n_mtp_layers} if model.mtp else {}))
+    return transformers.DeepseekV3Config(**common, **mla, rope_interleave=True, num_mtp_layers=cfg.n_mtp_layers,
                                          topk_method="noaux_tc", scoring_func="sigmoid")
 
 
@@ -170,8 +181,14 @@ def hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
             w = w.view(cfg.n_heads, cfg.qk_head_dim, -1)
             return torch.cat([w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:][:, perm]], 1).flatten(0, 1)
 
-    for i, block in enumerate(model.layers):
-        p, a, f = f"model.layers.{i}.", block.attn, block.ffn
+    blocks = [(f"model.layers.{i}.", block) for i, block in enumerate(model.layers)]
+    for k, layer in enumerate(model.mtp or []):  # DeepSeek-V3's MTP layer: model.layers.{n_layers + k}
+        p = f"model.layers.{cfg.n_layers + k}."
+        sd[p + "enorm.weight"], sd[p + "hnorm.weight"] = layer.enorm.weight, layer.hnorm.weight
+        sd[p + "eh_proj.weight"], sd[p + "shared_head.norm.weight"] = layer.eh_proj.weight, layer.norm.weight
+        blocks.append((p, layer.block))
+    for p, block in blocks:
+        a, f = block.attn, block.ffn
         sd[p + "input_layernorm.weight"] = block.attn_norm.weight
         sd[p + "post_attention_layernorm.weight"] = block.ffn_norm.weight
         if cfg.attn == "gqa":
@@ -190,7 +207,7 @@ def hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
             sd[p + "self_attn.kv_b_proj.weight"] = a.wkv_b.weight
             sd[p + "self_attn.o_proj.weight"] = a.wo.weight
         mlp = p + "mlp."
-        if not cfg.is_moe_layer(i):
+        if not isinstance(f, MoE):
             sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"] = f.w1.weight, f.w3.weight
             sd[mlp + "down_proj.weight"] = f.w2.weight
             continue

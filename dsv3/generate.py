@@ -19,7 +19,8 @@ checkpoint's tokenizer.json (`dsv3.from_hf`), whose prompts start with its bos i
 Randomness comes only from a `torch.Generator` (the `seed` argument), never from the global RNG.
 `dsv3.generate` is the function (the package exports it over this module's name): reach the rest
 with `from dsv3.generate import generate_tokens, sample`.
-Deliberately not here: beam search, repetition penalties, speculative decoding, the checkpoint format.
+speculative=True hands the loop to speculative.py (the model's MTP modules draft, one forward verifies).
+Deliberately not here: beam search, repetition penalties, the checkpoint format.
 """
 
 from __future__ import annotations
@@ -50,6 +51,24 @@ class Generation:
     finish_reason: str  # "eot" (<|endoftext|>), "stop" (a stop string), "length" (max_new_tokens) or "cancelled"
     expert_ids: torch.Tensor | None = None  # (n_moe_layers, len(tokens), top-k) routed expert ids, int64
     gates: torch.Tensor | None = None  # (n_moe_layers, len(tokens), top-k) their gate weights g_i,t (fp32)
+    # speculative=True: per generated token, the MTP draft proposed for its position (None: no draft, the main
+    # model chose alone). The token equals its draft exactly when the draft was accepted.
+    drafts: list[int | None] | None = None
+
+    @property
+    def drafted(self) -> int:
+        """Generated tokens that had a draft (0 without speculative decoding)."""
+        return sum(d is not None for d in self.drafts or [])
+
+    @property
+    def accepted(self) -> int:
+        """Drafts the main model accepted."""
+        return sum(d == t for d, t in zip(self.drafts or [], self.tokens[self.n_prompt:], strict=True) if d is not None)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """accepted / drafted (None when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else None
 
     def top_experts(self) -> torch.Tensor:
         """(n_moe_layers, len(tokens)): the expert with the largest gate weight for each token."""
@@ -64,7 +83,7 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _check_sampling(model, temperature, top_k, top_p, cache, compile=False) -> None:
+def _check_sampling(model, temperature, top_k, top_p, cache, compile=False, speculative=False) -> None:
     if not isinstance(model, DeepSeekV3):
         raise ValueError(f"model must be a dsv3.DeepSeekV3, got {type(model).__name__}")
     if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) or \
@@ -82,6 +101,16 @@ def _check_sampling(model, temperature, top_k, top_p, cache, compile=False) -> N
     if compile and (cache != "absorbed" or model.cfg.attn != "mla"):
         raise ValueError(f"compile=True needs an MLA model and cache='absorbed' (got attn={model.cfg.attn!r}, "
                          f"cache={cache!r})")
+    if not isinstance(speculative, bool):
+        raise ValueError(f"speculative must be True or False, got {speculative!r}")
+    if speculative:
+        if model.cfg.n_mtp_layers == 0:
+            raise ValueError("speculative=True drafts with the model's multi-token prediction modules, and this "
+                             "model has none (n_mtp_layers=0): train one with --mtp-layers 1, or decode without "
+                             "speculative")
+        if cache == "none":
+            raise ValueError("speculative=True needs a cache to roll back (cache='absorbed' or 'naive', "
+                             "got cache='none')")
 
 
 def _check_length(model, prompt_len: int, max_new_tokens) -> None:
@@ -117,6 +146,12 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
+    return draw(probabilities(logits, temperature, top_k, top_p), generator)
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution (B, V), fp32, that `sample` draws from for temperature > 0: softmax(logits / temperature)
+    restricted to the top-k and the nucleus (`sample`'s docstring), renormalised."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -126,16 +161,22 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
         p = sorted_logits.softmax(dim=-1)
         drop = p.cumsum(dim=-1) - p >= top_p  # the tokens before this one already reach top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
+    return logits.softmax(dim=-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row (B,) from probabilities (B, V), with `generator`'s random stream."""
+    device = probs.device
     if generator is not None:
         probs = probs.to(generator.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(device)
 
 
 def generate_tokens(model: DeepSeekV3, tokens: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, seed=None, cache: str = "absorbed",
                     key_mask: torch.Tensor | None = None, trace: list | None = None,
-                    compile: bool = False) -> Iterator[torch.Tensor]:
+                    compile: bool = False, speculative: bool = False,
+                    drafts: list | None = None) -> Iterator[torch.Tensor]:
     """Yield the next id of every row, a (B,) tensor, up to max_new_tokens times. Stop early by breaking.
 
     tokens (B, P) are the prompts, left-padded; key_mask (B, P) marks the real tokens (False = padding).
@@ -145,14 +186,23 @@ def generate_tokens(model: DeepSeekV3, tokens: torch.Tensor, max_new_tokens: int
     token, one more forward routes it, so the trace covers all P + max_new_tokens positions.
     The model is put in eval mode for the loop and restored afterwards. compile=True runs the one-position
     steps through `DeepSeekV3.decode_step(compiled=True)` (torch.compile; the first call compiles for a while).
+    speculative=True drafts with the model's MTP modules and verifies the drafts in one forward (speculative.py):
+    greedy ids are identical to plain decoding's, sampled ids follow the same distribution; with compile=True the
+    verifying forwards run compiled. `drafts` (a list) then receives, per yielded step, the (B,) ids of the drafts
+    proposed for it (-1: none).
     """
-    _check_sampling(model, temperature, top_k, top_p, cache, compile)
+    _check_sampling(model, temperature, top_k, top_p, cache, compile, speculative)
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] < 1:
         raise ValueError(f"tokens must be a (batch, prompt_len >= 1) tensor, got {getattr(tokens, 'shape', tokens)}")
     _check_length(model, tokens.shape[1], max_new_tokens)
     if key_mask is not None and (key_mask.shape != tokens.shape or key_mask.dtype != torch.bool):
         raise ValueError(f"key_mask must be a bool tensor shaped like tokens {tuple(tokens.shape)}")
     gen = _generator(seed, model.embed.weight.device)  # checked even when greedy leaves it unused
+    if speculative:
+        from .speculative import speculative_loop
+
+        return speculative_loop(model, tokens, max_new_tokens, (temperature, top_k, top_p, gen), cache, key_mask,
+                                trace, drafts, compile)
     return _loop(model, tokens, max_new_tokens, (temperature, top_k, top_p, gen), cache, key_mask, trace, compile)
 
 
@@ -273,9 +323,10 @@ def _text_codec(model):
     return tok, tok.eot, tok.bos
 
 
-def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, cache, trace, compile):
+def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, cache, trace, compile,
+             speculative=False, drafts=None):
     """Check everything, tokenize and left-pad; return the rows and the token iterator."""
-    _check_sampling(model, temperature, top_k, top_p, cache, compile)
+    _check_sampling(model, temperature, top_k, top_p, cache, compile, speculative)
     if isinstance(stop, str):
         stop = (stop,)
     if stop is None:
@@ -294,7 +345,8 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, st
         tokens[i, P - len(row):] = torch.tensor(row)
         key_mask[i, P - len(row):] = True
     steps = generate_tokens(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, cache=cache, key_mask=key_mask, trace=trace, compile=compile)
+                            seed=seed, cache=cache, key_mask=key_mask, trace=trace, compile=compile,
+                            speculative=speculative, drafts=drafts)
     return [_Row(row, tuple(stop), enc=enc, eot=eot) for row in ids], steps
 
 
@@ -318,7 +370,7 @@ def _drive(rows: list[_Row], steps, max_new_tokens: int) -> Iterator[list[_Row]]
 def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 200, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | torch.Generator | None = None,
              stop: str | list[str] | None = None, cache: str = "absorbed", return_trace: bool = False,
-             on_text=None, compile: bool = False, cancel=None):
+             on_text=None, compile: bool = False, cancel=None, speculative: bool = False):
     """Continue `prompt` (a string, or a list of strings generated together as one left-padded batch).
 
     Stops at <|endoftext|>, at the first of the `stop` strings (cut from the text) or after
@@ -331,14 +383,18 @@ def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 2
     prompts): the same UTF-8-complete, stop-aware text that `stream` yields, for UIs that also want the trace.
     `cancel`, if given, is a callable checked after every decoded token: once it returns True the generation
     ends there (finish_reason "cancelled") and returns what it has, trace included (a UI's Stop button).
+    speculative=True decodes with the model's multi-token prediction modules as the draft (speculative.py; the
+    model needs n_mtp_layers >= 1): the same greedy text, the same sampling distribution, fewer main-model
+    forwards; `Generation.drafts` / `.acceptance_rate` then tell which drafts were kept.
     """
     batch = not isinstance(prompt, str)
     prompts = list(prompt) if batch and isinstance(prompt, (list, tuple)) else [prompt]
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
     chunks = [] if return_trace else None
+    drafts = [] if return_trace and speculative else None
     rows, steps = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, cache, chunks,
-                           compile)
+                           compile, speculative, drafts)
     for _ in _drive(rows, steps, max_new_tokens):
         if on_text is not None:
             on_text([r.ready() for r in rows] if batch else rows[0].ready())
@@ -363,15 +419,16 @@ def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 2
         tokens = r.prompt + r.new
         span = slice(P - len(r.prompt), P - len(r.prompt) + len(tokens))
         empty = torch.zeros(L, len(tokens), 0)
+        proposed = None if drafts is None else [int(d[i]) if d[i] >= 0 else None for d in drafts[:len(r.new)]]
         results.append(Generation(r.text, tokens, len(r.prompt), r.token_texts, r.finish,
                                   ids[:, i, span] if ids is not None else empty.long(),
-                                  gates[:, i, span] if gates is not None else empty))
+                                  gates[:, i, span] if gates is not None else empty, proposed))
     return results if batch else results[0]
 
 
 def stream(model: DeepSeekV3, prompt: str, max_new_tokens: int = 200, *, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, seed: int | torch.Generator | None = None, stop: str | list[str] | None = None,
-           cache: str = "absorbed", compile: bool = False) -> Iterator[str]:
+           cache: str = "absorbed", compile: bool = False, speculative: bool = False) -> Iterator[str]:
     """Like `generate` for one prompt, but yield the continuation piece by piece as it is decoded.
 
     A piece is yielded as soon as it is valid UTF-8 (a character split across tokens waits for its last
@@ -381,7 +438,7 @@ def stream(model: DeepSeekV3, prompt: str, max_new_tokens: int = 200, *, tempera
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string (stream takes one prompt), got {type(prompt).__name__}")
     rows, steps = _prepare(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, stop, cache, None,
-                           compile)
+                           compile, speculative)
 
     def pieces() -> Iterator[str]:
         shown = 0
@@ -430,6 +487,9 @@ def add_cli_args(p) -> None:
                       help="recompute the whole sequence every step")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (absorbed cache; faster per token after a compile)")
+    p.add_argument("--speculative", action="store_true",
+                   help="draft with the checkpoint's multi-token prediction modules and verify the drafts in one "
+                        "forward (needs a model trained with --mtp-layers; same greedy text)")
     p.add_argument("--no-kernels", action="store_true", help="run the plain reference model (dsv3.kernels off)")
 
 
@@ -481,7 +541,8 @@ def cmd_generate(args) -> int:
         print(" ".join(str(int(t)) for t in steps))
         return 0
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-              top_p=args.top_p, seed=args.seed, stop=args.stop, cache=args.cache, compile=args.compile)
+              top_p=args.top_p, seed=args.seed, stop=args.stop, cache=args.cache, compile=args.compile,
+              speculative=args.speculative)
     try:
         if args.stream:
             pieces = stream(model, args.prompt, **kw)  # checks the arguments before printing anything

@@ -3,7 +3,8 @@
 A pre-norm decoder: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)), where Attn is MLA (or GQA for the dense
 baseline) and FFN is DeepSeekMoE (or a dense SwiGLU for the first n_dense_layers, and for the baseline).
 `forward(tokens, targets)` returns logits and, with targets, the losses
-loss = ce + aux_loss_coef * balance + z_loss_coef * z (router losses averaged over the MoE layers).
+loss = ce + aux_loss_coef * balance + z_loss_coef * z (router losses averaged over the MoE layers)
++ mtp_loss_weight / D * sum_k CE_k with D multi-token prediction modules (mtp.py, DeepSeek-V3 §2.2).
 Targets are the next tokens, already shifted by the data pipeline; the model never shifts again.
 Incremental decoding goes through `new_cache()` (cache.py); the model advances the cache's position.
 Nothing here knows about optimizers, data files or tokenizers.
@@ -24,6 +25,7 @@ from .config import ModelConfig
 from .layers import Expert, RMSNorm, rope_cache, yarn_mscale, yarn_rope_cache
 from .mla import GQA, MLA
 from .moe import MoE
+from .mtp import MTPLayer
 
 IGNORE_INDEX = -100  # a target that is not scored (padding)
 
@@ -35,6 +37,8 @@ class ModelOutput:
     ce_loss: torch.Tensor | None = None  # next-token cross-entropy (nats per token)
     aux_loss: torch.Tensor | None = None  # aux_loss_coef * mean balance loss over MoE layers
     z_loss: torch.Tensor | None = None  # z_loss_coef * mean router z-loss over MoE layers
+    mtp_loss: torch.Tensor | None = None  # mtp_loss_weight / D * sum of the MTP depths' CE (0 without MTP)
+    hidden: torch.Tensor | None = None  # (B, T, dim) the last hidden state after the final norm (depth 1's input)
 
 
 class Block(nn.Module):
@@ -94,6 +98,10 @@ class DeepSeekV3(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        # multi-token prediction (DeepSeek-V3 §2.2): depth k's block is layer k - 1 of its own cache, and MoE even
+        # where the trunk's first layers are dense (as in DeepSeek-V3, whose MTP layer is an MoE layer)
+        self.mtp = nn.ModuleList(MTPLayer(cfg, Block(k, cfg.replace(n_dense_layers=0)))
+                                 for k in range(cfg.n_mtp_layers)) if cfg.n_mtp_layers else None
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -110,12 +118,14 @@ class DeepSeekV3(nn.Module):
             else:
                 residual = name.endswith(("wo.weight", "w2.weight", ".w2"))
                 nn.init.normal_(p, mean=0.0, std=resid_std if residual else std)
-        for m in self.moe_layers():
+        for m in self.moe_layers(mtp=True):
             m.gate.bias.zero_()
 
     # --- helpers the trainer, generator and plots use ---
-    def moe_layers(self) -> list[MoE]:
-        return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
+    def moe_layers(self, mtp: bool = False) -> list[MoE]:
+        """The trunk's MoE layers; mtp=True: then the MTP blocks' too."""
+        blocks = list(self.layers) + ([m.block for m in self.mtp] if mtp and self.mtp is not None else [])
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
 
     def expert_loads(self) -> torch.Tensor:
         """(n_moe_layers, n_routed_experts) routed-slot counts of the last forward."""
@@ -128,7 +138,7 @@ class DeepSeekV3(nn.Module):
         """torch.compile each Block in place (regional compilation). The blocks run the same code, so they share
         one compiled graph where a whole-model compile traces every layer. Parameter names are unchanged, so
         checkpoints do not notice. The embedding and the output head (and its loss) stay eager."""
-        for block in self.layers:
+        for block in [*self.layers, *(m.block for m in self.mtp or [])]:  # MTP blocks: T - k positions
             block.compile()
 
     def decode_step(self, tokens: torch.Tensor, cache: KVCache, *, compiled: bool = False) -> torch.Tensor:
@@ -146,7 +156,7 @@ class DeepSeekV3(nn.Module):
 
     def update_router_bias(self) -> None:
         """Aux-loss-free balancing: apply each gate's bias update (call once per optimizer step)."""
-        for m in self.moe_layers():
+        for m in self.moe_layers(mtp=True):
             m.gate.update_bias()
 
     def new_cache(self, batch: int, max_len: int | None = None, *, absorb: bool = True,
@@ -205,7 +215,7 @@ class DeepSeekV3(nn.Module):
         start = cache.pos if cache is not None else 0
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         mask = cache.mask(T) if cache is not None else None
-        x = embed_tokens(self, tokens)
+        x = emb = embed_tokens(self, tokens)
         balances, zs = [], []
         for block in self.layers:
             x, balance, z = block(x, cos, sin, cache, mask, losses=targets is not None)
@@ -216,16 +226,38 @@ class DeepSeekV3(nn.Module):
             cache.pos += T
         h = self.norm(x)
         if targets is None:
-            return ModelOutput(logits=self.head(h[:, -1:] if last_logits else h))
+            return ModelOutput(logits=self.head(h[:, -1:] if last_logits else h), hidden=h)
         if return_logits:
             logits = self.head(h)
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1).long(), ignore_index=IGNORE_INDEX)
         else:
             logits, ce = None, head_loss(self, h, targets)
         zero = ce.new_zeros(())
+        mtp = self._mtp_loss(h, emb, targets, cos, sin, balances, zs) if self.mtp is not None else zero
         aux = self.cfg.aux_loss_coef * torch.stack(balances).mean() if balances else zero
         z = self.cfg.z_loss_coef * torch.stack(zs).mean() if zs else zero
-        return ModelOutput(logits=logits, loss=ce + aux + z, ce_loss=ce, aux_loss=aux, z_loss=z)
+        return ModelOutput(logits=logits, loss=ce + aux + z + mtp, ce_loss=ce, aux_loss=aux, z_loss=z, mtp_loss=mtp,
+                           hidden=h)
+
+    def _mtp_loss(self, h, emb, targets, cos, sin, balances, zs) -> torch.Tensor:
+        """lambda / D * sum_k L_MTP^k (DeepSeek-V3 eq. 24-25). Depth k at position i reads h_i^{k-1} and Emb(t_{i+k})
+        and is scored on t_{i+k+1} = targets[i + k], for i = 0 .. T-k-1: nothing past the sequence's end. L^k is
+        the mean over those positions (the paper divides by T). The MTP blocks' router losses join `balances`."""
+        T, losses = targets.shape[1], []
+        for k, layer in enumerate(self.mtp, start=1):
+            if T - k < 1:
+                break
+            h, balance, z = layer(h[:, :T - k], emb[:, k:], cos[:T - k], sin[:T - k])
+            losses.append(head_loss(self, h, targets[:, k:]))
+            if balance is not None:
+                balances.append(balance)
+                zs.append(z)
+        total = torch.stack(losses).sum() if losses else h.new_zeros((), dtype=torch.float32)
+        return self.cfg.mtp_loss_weight / len(self.mtp) * total
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        """Mean CE of head(h) (B, T, dim) against targets (B, T); fused=False: always the plain logits path."""
+        return head_loss(self, h, targets) if fused else head_loss.reference(self, h, targets)
 
 
 def count_params(model: DeepSeekV3) -> dict[str, int]:
@@ -233,15 +265,22 @@ def count_params(model: DeepSeekV3) -> dict[str, int]:
 
     Active = total minus the routed experts a token does not use ((N_r - K_r) per MoE layer).
     The embedding counts once: with tied weights it is the output head every token runs.
+    With MTP modules (their embedding and head are the main model's): "mtp" and "mtp_active" count their own
+    parameters, part of total and active (training runs them), and "inference_total" / "inference_active" count
+    what decoding without speculation uses (total and active minus the MTP modules').
     """
     cfg = model.cfg
     seen: set[int] = set()
+    mtp = 0
     parts = {"embedding": 0, "attention": 0, "routed_experts": 0, "shared_experts": 0, "dense_mlp": 0,
              "router": 0, "norms": 0, "head": 0}
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue
         seen.add(id(p))
+        if name.startswith("mtp."):
+            mtp += p.numel()
+            continue
         if name.startswith("embed"):
             key = "embedding"
         elif name.startswith("head"):
@@ -259,8 +298,12 @@ def count_params(model: DeepSeekV3) -> dict[str, int]:
         else:
             key = "norms"
         parts[key] += p.numel()
-    total = sum(parts.values())
-    n_moe = len(model.moe_layers())
-    per_expert = 3 * cfg.dim * cfg.moe_inter_dim
-    inactive = n_moe * (cfg.n_routed_experts - cfg.n_activated_experts) * per_expert if n_moe else 0
-    return {"total": total, "active": total - inactive, **parts}
+    total = sum(parts.values()) + mtp
+    unused = (cfg.n_routed_experts - cfg.n_activated_experts) * 3 * cfg.dim * cfg.moe_inter_dim  # per MoE layer
+    counts = {"total": total, "active": total - len(model.moe_layers()) * unused, **parts}
+    if model.mtp is not None:
+        mtp_active = mtp - (len(model.moe_layers(mtp=True)) - len(model.moe_layers())) * unused
+        counts["active"] -= mtp - mtp_active
+        counts.update(mtp=mtp, mtp_active=mtp_active, inference_total=total - mtp,
+                      inference_active=counts["active"] - mtp_active)
+    return counts

@@ -115,6 +115,9 @@ class Playground:
         # compile=True of dsv3.generate: the same text, faster per token after a first run that compiles
         self.compile = W.Checkbox(value=False, description="compiled decoding (the first run compiles)",
                                   indent=False)
+        # speculative=True of dsv3.generate: the MTP modules draft, the model verifies (same greedy text)
+        self.speculative = W.Checkbox(value=False, description="speculative decoding (the model's MTP draft)",
+                                      indent=False)
         self.button = W.Button(description="Generate", button_style="primary", tooltip="Generate (streams)")
         self.stop_button = W.Button(description="Stop", disabled=True, button_style="warning",
                                     tooltip="End the generation now")
@@ -129,7 +132,8 @@ class Playground:
                        (self.prompt, "gen-prompt"), (self.max_new_tokens, "gen-max-tokens"),
                        (self.temperature, "gen-temperature"), (self.top_k, "gen-top-k"), (self.top_p, "gen-top-p"),
                        (self.seed, "gen-seed"), (self.layer, "gen-layer"), (self.compile, "gen-compile"),
-                       (self.button, "gen-button"), (self.stop_button, "gen-stop"), (self.status, "gen-status"),
+                       (self.speculative, "gen-speculative"), (self.button, "gen-button"),
+                       (self.stop_button, "gen-stop"), (self.status, "gen-status"),
                        (self.output, "gen-output"), (self.legend, "gen-legend")]:
             w.add_class(cls)
         for name, hint in self.hints.items():
@@ -142,7 +146,7 @@ class Playground:
                            row("temperature", self.temperature, self.hints["temperature"]),
                            row("top-k", self.top_k, self.hints["top_k"]),
                            row("top-p", self.top_p, self.hints["top_p"]),
-                           row("seed", self.seed, self.hints["seed"]), self.compile])
+                           row("seed", self.seed, self.hints["seed"]), self.compile, self.speculative])
         parts = [self.heading, self.info]
         if self.choices:
             parts.append(row("checkpoint", self.checkpoint, W.HTML()))
@@ -181,6 +185,8 @@ class Playground:
                            f"{cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_routed_experts} routed experts, "
                            f"context {cfg.max_seq_len} tokens · on {self.device}</span>")
         self.compile.disabled = cfg.attn != "mla"
+        self.speculative.disabled = not cfg.n_mtp_layers  # a model trained with --mtp-layers
+        self.speculative.value = self.speculative.value and not self.speculative.disabled
         self.generation = None
         self.layer.options = [("off", -1)] + [(f"MoE layer {i}", i) for i in range(self.n_moe)]
         self.layer.value = self.n_moe - 1
@@ -237,7 +243,8 @@ class Playground:
                           else f"<span style='color:#666'>{_esc(help_text[name])}</span>")
         if any(errors.values()):
             return None
-        return dict(max_new_tokens=n, temperature=t, top_k=k, top_p=p, seed=s, compile=self.compile.value)
+        return dict(max_new_tokens=n, temperature=t, top_k=k, top_p=p, seed=s, compile=self.compile.value,
+                    speculative=self.speculative.value)
 
     # --- generating ---
 
@@ -277,7 +284,7 @@ class Playground:
             self._busy(False)
 
     def run(self, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
-            compile: bool = False):
+            compile: bool = False, speculative: bool = False):
         """Generate from `prompt` in this thread, streaming into `output` and `status`; return the Generation."""
         self.generation = None
         self.legend.value = ""
@@ -298,9 +305,12 @@ class Playground:
 
         self.status.value = status("generating")
         g = generate(self.model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     seed=seed, return_trace=True, on_text=on_text, compile=compile, cancel=self._stop.is_set)
+                     seed=seed, return_trace=True, on_text=on_text, compile=compile, cancel=self._stop.is_set,
+                     speculative=speculative)
         count = len(g.tokens) - g.n_prompt
         self.status.value = status(FINISH.get(g.finish_reason, g.finish_reason))
+        if speculative and g.drafted:
+            self.status.value += f" · drafts accepted {g.accepted}/{g.drafted} ({g.acceptance_rate:.0%})"
         self.generation = g
         self.show_text()
         return g

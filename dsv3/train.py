@@ -2,9 +2,9 @@
 
 One loop for the notebooks and the CLI. Per optimizer step: sample a global batch (`data.BatchSampler`),
 run it as `grad_accum` micro-batches (micro-batch i = rows i::grad_accum) under autocast (bf16 on CUDA;
-on CPU only when asked and the CPU has native bf16 matmul), loss = CE + aux + z (coefficients from the
-model config), clip the gradient norm, AdamW with weight-decay groups (no decay on norms), then the
-aux-loss-free router bias update.
+on CPU only when asked and the CPU has native bf16 matmul), loss = CE + aux + z (+ the multi-token prediction
+term `mtp` when the model has MTP modules; coefficients from the model config), clip the gradient norm, AdamW
+with weight-decay groups (no decay on norms), then the aux-loss-free router bias update.
 The learning rate is a function of the global step (linear warmup, cosine to min_lr at decay_steps,
 then flat), so phase 2 continues exactly where phase 1 left it. Every step appends a JSON line to
 <out>/metrics.jsonl; validation runs every eval_interval steps on the held-out split, and whenever its loss is
@@ -161,7 +161,8 @@ class TrainConfig:
 class History:
     """What a run measured: one record per optimizer step, one per validation; plots take this."""
 
-    train: list[dict] = field(default_factory=list)  # step, loss, ce, aux, z, lr, grad_norm, tokens_per_s, expert_load
+    # step, loss, ce, aux, z, (mtp: with MTP modules), lr, grad_norm, tokens_per_s, expert_load
+    train: list[dict] = field(default_factory=list)
     val: list[dict] = field(default_factory=list)  # step, val_loss, expert_load (summed over the eval batches)
     run_dir: str | None = None
     checkpoint: str | None = None  # the last checkpoint saved
@@ -451,7 +452,7 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
             for g in optimizer.param_groups:
                 g["lr"] = lr
             x, y = sampler.next()
-            sums = torch.zeros(4, device=device)
+            sums = torch.zeros(5, device=device)
             for i in range(cfg.grad_accum):
                 xb, yb = x[i::cfg.grad_accum].to(device), y[i::cfg.grad_accum].to(device)
                 last = i == cfg.grad_accum - 1  # DDP all-reduces the accumulated gradients on the last one only
@@ -459,7 +460,8 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
                     with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                         o = fwd(xb, yb, return_logits=False)  # fused chunked head + CE: no (B, T, vocab) logits
                     (o.loss / cfg.grad_accum).backward()
-                sums += torch.stack([o.loss, o.ce_loss, o.aux_loss, o.z_loss]).detach().float() / cfg.grad_accum
+                sums += torch.stack([o.loss, o.ce_loss, o.aux_loss, o.z_loss, o.mtp_loss]).detach().float() \
+                    / cfg.grad_accum
             if dp is not None:  # global mean loss, and the global expert load for the bias update below
                 sums = dp.reduce_step(sums, model)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -470,25 +472,27 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
                 raise FloatingPointError(
                     f"non-finite loss ({host[0].item()}) at step {step + 1}; stopped without saving. "
                     f"Last good checkpoint: {history.checkpoint or 'none yet'}")
-            if not torch.isfinite(host[4]):
+            if not torch.isfinite(host[5]):
                 raise FloatingPointError(f"non-finite gradient norm at step {step + 1}; stopped without saving. "
                                          f"Last good checkpoint: {history.checkpoint or 'none yet'}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            load = host[5:].view(len(loads), -1).tolist() if loads else []
+            load = host[6:].view(len(loads), -1).tolist() if loads else []
             model.update_router_bias()  # b_i update (when bias_update_speed > 0); resets the step's counts
             step += 1
             dt = time.perf_counter() - t0
-            loss, ce, aux, z = host[:4].tolist()
-            rec = {"step": step, "loss": loss, "ce": ce, "aux": aux, "z": z, "lr": lr,
-                   "grad_norm": host[4].item(), "tokens_per_s": x.numel() * world / dt,
+            loss, ce, aux, z, mtp = host[:5].tolist()
+            rec = {"step": step, "loss": loss, "ce": ce, "aux": aux, "z": z,
+                   **({"mtp": mtp} if model.mtp is not None else {}), "lr": lr, "grad_norm": host[5].item(),
+                   "tokens_per_s": x.numel() * world / dt,
                    "elapsed": time.perf_counter() - t_start,
                    "expert_load": [[round(v, 5) for v in row] for row in load]}
             history.train.append(rec)
             log.write(json.dumps(rec | {"kind": "train"}) + "\n")
             log.flush()
             bar.update(1)
-            post = {"loss": f"{loss:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
+            post = {"loss": f"{loss:.3f}", **({"mtp": f"{mtp:.3f}"} if "mtp" in rec else {}),
+                    "tok/s": f"{rec['tokens_per_s']:.0f}"}
             if history.val:
                 post["val"] = f"{history.val[-1]['val_loss']:.3f}"
             bar.set_postfix(post, refresh=False)
@@ -549,14 +553,20 @@ def add_cli_args(p) -> None:
     p.add_argument("--no-kernels", action="store_true", help="run the plain reference model (dsv3.kernels off)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="ModelConfig override for phase 1, e.g. --set n_layers=2 (repeatable) (default: none)")
+    p.add_argument("--mtp-layers", type=int, metavar="D",
+                   help="multi-token prediction modules (DeepSeek-V3 §2.2; = --set n_mtp_layers=D) (default: 0)")
+    p.add_argument("--mtp-weight", type=float, metavar="LAMBDA",
+                   help="weight of the MTP loss (= --set mtp_loss_weight=LAMBDA) (default: 0.3)")
 
 
 def cmd_train(args) -> int:
     fields_ = {f.name for f in dataclasses.fields(TrainConfig)}
     over = {k: v for k, v in vars(args).items() if k in fields_ and v is not None}
-    if args.set:
+    mtp = {k: v for k, v in (("n_mtp_layers", args.mtp_layers), ("mtp_loss_weight", args.mtp_weight)) if v is not None}
+    if args.set or mtp:
         if args.resume:
-            raise ValueError("--set changes the model and cannot be combined with --resume")
+            raise ValueError("--set, --mtp-layers and --mtp-weight change the model and cannot be combined with "
+                             "--resume")
         mo = {}
         for item in args.set:
             k, sep, v = item.partition("=")
@@ -566,7 +576,7 @@ def cmd_train(args) -> int:
                 mo[k] = json.loads(v)
             except json.JSONDecodeError:
                 mo[k] = v
-        over["model_overrides"] = mo
+        over["model_overrides"] = mo | mtp
     over.pop("preset", None) if args.resume else None
     flags = {k: "--" + k.replace("_", "-") for k in vars(args) if k not in ("progress", "set", "func", "command")}
     try:

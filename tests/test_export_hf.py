@@ -26,6 +26,10 @@ KINDS = {
                     "DeepseekV3ForCausalLM"),
     "softmax-moe-qlora-no-shared": (dict(SMALL, q_lora_rank=24, n_shared_experts=0), "DeepseekV2ForCausalLM"),
     "dense-mla": (dict(SMALL, ffn="dense"), "DeepseekV3ForCausalLM"),
+    # multi-token prediction modules: written as DeepSeek-V3's model.layers.{n_layers}; the main model is unchanged
+    "sigmoid-moe-mtp": (dict(SMALL, score_func="sigmoid", q_lora_rank=24, n_dense_layers=1, n_layers=3,
+                             tie_embeddings=False, norm_eps=1e-2, n_mtp_layers=1), "DeepseekV3ForCausalLM"),
+    "softmax-moe-mtp": (dict(SMALL, n_mtp_layers=2), "DeepseekV2ForCausalLM"),
     "dense-gqa": (dict(SMALL, attn="gqa", ffn="dense", n_heads=4, n_kv_heads=2, head_dim=16, rope_theta=1e5),
                   "LlamaForCausalLM"),
 }
@@ -107,6 +111,7 @@ def test_written_files_and_generation_config(tmp_path):
     (dict(norm_topk_prob=True), "norm_topk_prob=True with score_func='softmax'"),
     (dict(n_expert_groups=4, n_limited_groups=2), "n_expert_groups=4, n_limited_groups=2"),
     (dict(attn="gqa", n_heads=4, n_kv_heads=2, head_dim=16), "attn='gqa' with ffn='moe'"),
+    (dict(ffn="dense", n_mtp_layers=1), "n_mtp_layers=1 with attn='mla', ffn='dense'"),
 ])
 def test_refuses_settings_transformers_cannot_express(overrides, setting, tmp_path):
     model = random_model(**dict(SMALL, **overrides))
@@ -153,3 +158,73 @@ def test_cli_exports_a_checkpoint_and_refuses_with_a_one_line_error(tmp_path, ca
     assert err.startswith("error: cannot export") and "norm_topk_prob" in err and err.count("\n") == 1
     assert main(["export-hf", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "hf3")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+# --- multi-token prediction: transformers' own MTP layer (generate(use_mtp=True)) as the oracle ---
+
+def exported_mtp(tmp_path):
+    """The sigmoid-moe-mtp export, its transformers model, and transformers' MtpModel read from the same folder."""
+    from transformers.modeling_layers import MtpModel
+
+    model, hf = exported("sigmoid-moe-mtp", tmp_path)
+    # transformers finds the MTP layer by DeepseekV3's ignore pattern, written for DeepSeek-V3's 61 layers
+    # (model.layers.61); point it at this model's model.layers.{n_layers}
+    hf._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{model.cfg.n_layers}\..*"]
+    return model, hf, MtpModel
+
+
+def test_export_writes_deepseeks_mtp_names(tmp_path):
+    model, hf, _ = exported_mtp(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1
+    names = set(hf_state_dict(model))
+    n = model.cfg.n_layers
+    for name in ("enorm", "hnorm", "eh_proj", "shared_head.norm", "input_layernorm", "self_attn.q_a_proj",
+                 "self_attn.kv_a_proj_with_mqa", "self_attn.o_proj", "mlp.gate", "mlp.experts.0.down_proj"):
+        assert f"model.layers.{n}.{name}.weight" in names, name
+    assert not any(k.startswith(f"model.layers.{n + 1}.") for k in names)
+
+
+def test_our_draft_logits_are_transformers_mtp_draft_logits(tmp_path):
+    model, hf, MtpModel = exported_mtp(tmp_path)
+    mtp = MtpModel.from_pretrained(hf, device_map={"": "cpu"}).eval()
+    torch.manual_seed(3)
+    x = torch.randint(0, model.cfg.vocab_size, (2, 17))
+    T = x.shape[1]
+    with torch.no_grad():
+        h = hf(x, output_hidden_states=True).hidden_states[-1]  # after the final norm, as generate(use_mtp) takes it
+        # theirs: depth 1 at position i reads h_i and the token t_{i+1} (at position i + 1: RoPE is relative)
+        theirs = mtp._project_to_logits(mtp.forward_layer(0, h[:, :-1], torch.arange(1, T)[None], None,
+                                                          input_ids=x[:, 1:]))
+        out = model(x)
+        hk, _, _ = model.mtp[0](out.hidden[:, :-1], model.embed(x[:, 1:]), model.rope_cos[:T - 1],
+                                model.rope_sin[:T - 1])
+        ours = model.head(hk)
+    assert ours.std() > 0.5
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert (out.hidden - h).abs().max().item() <= 1e-4
+
+
+def test_transformers_use_mtp_generate_gives_our_greedy_tokens_and_drafts(tmp_path, monkeypatch):
+    model, hf, MtpModel = exported_mtp(tmp_path)
+    their_drafts = []
+    forward = MtpModel.forward
+
+    def record(self, *a, **k):
+        ids, logits, loss = forward(self, *a, **k)
+        their_drafts.extend(ids[0].tolist())
+        return ids, logits, loss
+
+    monkeypatch.setattr(MtpModel, "forward", record)
+    torch.manual_seed(2)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 5))
+    with torch.no_grad():
+        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32,
+                             do_sample=False, use_mtp=True)
+    drafts = []
+    ours = torch.stack(list(generate_tokens(model, prompt, 32, temperature=0, speculative=True, drafts=drafts)), 1)
+    assert torch.equal(theirs[:, 5:], ours) and torch.equal(ours, greedy(model, prompt, 32))
+    ours_drafted = [d for d in torch.cat(drafts).tolist() if d >= 0]
+    # both propose one draft per round and keep the same tokens, so the rounds line up (transformers also drafts
+    # past the last token it keeps)
+    assert len(ours_drafted) >= 10 and their_drafts[:len(ours_drafted)] == ours_drafted

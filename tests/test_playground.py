@@ -247,3 +247,20 @@ def test_kernel_cap_and_open_page_culling(monkeypatch):
     k0.execution_state, k0.last_activity = "busy", now - timedelta(seconds=700)  # generating: never culled
     asyncio.run(km.cull_kernel_if_idle("k0"))
     assert list(km._kernels) == ["k0"]
+
+
+def test_speculative_checkbox_follows_the_model_and_keeps_the_greedy_text(model):
+    """Speculative decoding is offered only for a model with MTP modules; with it, greedy text is plain greedy's
+    and the status line reports the drafts accepted."""
+    assert Playground(model).speculative.disabled  # no MTP modules: nothing to draft with
+    torch.manual_seed(0)
+    mtp_model = dsv3.DeepSeekV3(dsv3.ModelConfig.preset("tiny", n_layers=2, n_mtp_layers=1)).eval()
+    pg = Playground(mtp_model)
+    assert not pg.speculative.disabled
+    pg.prompt.value, pg.max_new_tokens.value, pg.temperature.value = "ROMEO:", 10, 0.0
+    pg.speculative.value = True
+    pg.on_generate()
+    pg.join(60)
+    ref = dsv3.generate(mtp_model, "ROMEO:", 10, temperature=0, return_trace=True)
+    assert pg.generation.tokens == ref.tokens and pg.generation.drafted > 0
+    assert re.search(rf"drafts accepted {pg.generation.accepted}/{pg.generation.drafted}", pg.status.value)

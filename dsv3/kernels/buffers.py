@@ -25,8 +25,10 @@ def workspace(owner, name, shape, dtype: torch.dtype, device: torch.device | str
         _WORKSPACE.by_owner = WeakIdKeyDictionary()
     bufs = _WORKSPACE.by_owner.setdefault(owner, {})
     t = bufs.get((name, dtype))
+    # a buffer made under torch.inference_mode cannot be written outside it (generate(), then a no_grad forward);
     # two references: the kept tensor and the temporary storage object made for the count
     if (t is None or t.shape != shape or t.device != torch.device(device)
+            or (t.is_inference() and not torch.is_inference_mode_enabled())
             or torch._C._storage_Use_Count(t.untyped_storage()._cdata) > 2):
         t = bufs[name, dtype] = torch.empty(shape, dtype=dtype, device=device)
     return t

@@ -21,12 +21,12 @@ from .experts import gathered
 
 
 def block_decode(block, x, cos, sin, c_kv, k_pe, pos, mask):
-    """Block.forward for one new position per row against this block's slice of an absorbed MLA cache
+    """Block.forward for one new position per row (or T, with pos (T,) and mask (B|1, 1, T, S)) against this block's slice of an absorbed MLA cache
     (c_kv (B, S, r), k_pe (B, S, rope)); `mask` (B|1, 1, 1, S) is True for the slots the query may see."""
     attn = block.attn
     q, c, kpe = attn.project(block.attn_norm(x), cos, sin)
-    c_kv.index_copy_(1, pos.view(1), c.to(c_kv.dtype))
-    k_pe.index_copy_(1, pos.view(1), kpe.to(k_pe.dtype))
+    c_kv.index_copy_(1, pos.view(-1), c.to(c_kv.dtype))  # pos: one position, or (T,) for T new tokens per row
+    k_pe.index_copy_(1, pos.view(-1), kpe.to(k_pe.dtype))
     x = x + attn.wo(attn.absorbed(q, c_kv.to(x.dtype), k_pe.to(x.dtype), cos, sin, mask))
     h = block.ffn_norm(x)
     if not isinstance(block.ffn, MoE):

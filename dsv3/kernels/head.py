@@ -187,8 +187,8 @@ def tied_embed_tokens(model, tokens: torch.Tensor):
     """Training with a tied head: the lookup whose gradient the fused head's backward will hand over."""
     w = model.embed.weight
     model._tied_grad = None
-    if model.head.weight is not w or not w.requires_grad or not torch.is_grad_enabled():
-        return None
+    if model.head.weight is not w or not w.requires_grad or not torch.is_grad_enabled() or model.mtp is not None:
+        return None  # (with MTP the head runs 1 + D times: autograd sums their weight gradients)
     model._tied_grad = _TiedGrad()
     return TiedEmbedding.apply(w, tokens, model._tied_grad)
 
