@@ -15,7 +15,6 @@ Does not know how training works; it stores what the trainer hands it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random

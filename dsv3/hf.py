@@ -36,6 +36,7 @@ from .config import ModelConfig
 from .export_hf import HF_LATENT_NORM_EPS, _rope_perm
 from .layers import yarn_mscale
 from .model import DeepSeekV3, rope_tables
+from .moe import MoE
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "llama")
 # config.json fields that do not change the forward pass: bookkeeping, training-only, serving hints, token ids,
@@ -46,7 +47,7 @@ IGNORED = {
     "router_aux_loss_coef", "ep_size", "pretraining_tp", "bos_token_id", "eos_token_id", "pad_token_id", "qk_head_dim",
     "num_nextn_predict_layers", "num_mtp_layers", "quantization_config", "dsv3_config",
 }
-TRAINING_ONLY = ("aux_loss_coef", "z_loss_coef", "bias_update_speed", "init_std")
+TRAINING_ONLY = ("aux_loss_coef", "z_loss_coef", "bias_update_speed", "init_std", "mtp_loss_weight")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -229,8 +230,8 @@ def _signature(cfg: ModelConfig) -> dict:
     """What a config computes, independent of how it is written (dense 'moe' layers, unused fields, defaults). The
     latent norms' eps is left out: export_hf expresses ours through rescaled rows that the import undoes."""
     d = cfg.to_dict()
-    for k in (*TRAINING_ONLY, "latent_norm_eps", "norm_topk_prob", "ffn", "n_dense_layers", "n_expert_groups",
-              "n_limited_groups", "group_score"):
+    for k in (*TRAINING_ONLY, "n_mtp_layers", "latent_norm_eps", "norm_topk_prob", "ffn", "n_dense_layers",
+              "n_expert_groups", "n_limited_groups", "group_score"):
         d.pop(k)
     d["moe_layers"] = [cfg.is_moe_layer(i) for i in range(cfg.n_layers)]
     if cfg.has_moe:
@@ -285,8 +286,15 @@ def _weight_plan(model: DeepSeekV3, hc: HFConfig) -> dict[str, tuple]:
     def t(w):
         return w.t()
 
-    for i, block in enumerate(model.layers):
-        p, a, f = f"model.layers.{i}.", block.attn, block.ffn
+    blocks = [(f"model.layers.{i}.", block) for i, block in enumerate(model.layers)]
+    for k, layer in enumerate(model.mtp or []):  # DeepSeek-V3's MTP layers: model.layers.{n_layers + k}
+        p = f"model.layers.{cfg.n_layers + k}."
+        for ours, theirs in ((layer.enorm, "enorm"), (layer.hnorm, "hnorm"), (layer.eh_proj, "eh_proj"),
+                             (layer.norm, "shared_head.norm")):
+            plan[p + theirs + ".weight"] = (ours.weight, None)
+        blocks.append((p, layer.block))
+    for p, block in blocks:
+        a, f = block.attn, block.ffn
         plan[p + "input_layernorm.weight"] = (block.attn_norm.weight, None)
         plan[p + "post_attention_layernorm.weight"] = (block.ffn_norm.weight, None)
         if cfg.attn == "gqa":
@@ -304,7 +312,7 @@ def _weight_plan(model: DeepSeekV3, hc: HFConfig) -> dict[str, tuple]:
             plan[p + "self_attn.kv_b_proj.weight"] = (a.wkv_b.weight, None)
             plan[p + "self_attn.o_proj.weight"] = (a.wo.weight, None)
         mlp = p + "mlp."
-        if not cfg.is_moe_layer(i):
+        if not isinstance(f, MoE):
             plan[mlp + "gate_proj.weight"], plan[mlp + "up_proj.weight"] = (f.w1.weight, None), (f.w3.weight, None)
             plan[mlp + "down_proj.weight"] = (f.w2.weight, None)
             continue
@@ -348,13 +356,25 @@ _MTP = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def load_mtp(model: DeepSeekV3, names: list[str], read) -> None:
-    """Multi-token-prediction layers (DeepSeek-V3 §2.2; tensors under model.layers.{n_layers + k}.*): the hook where
-    they load into the model's MTP module. dsv3 has none yet: they are reported by name and skipped. `read(name)`
-    returns a tensor, dequantised."""
-    if names:
-        kinds = sorted({re.sub(r"experts\.\d+\.", "experts.*.", n) for n in names})
-        warnings.warn(f"skipped {len(names)} multi-token-prediction tensors (dsv3 has no MTP module yet): "
-                      f"{', '.join(kinds)}", stacklevel=3)
+    """The multi-token-prediction tensors (DeepSeek-V3 §2.2; model.layers.{n_layers + k}.*) that the weight plan
+    did not load. DeepSeek's checkpoints store each MTP layer's embedding and output head again
+    (embed_tokens, shared_head.head); dsv3's MTP modules share the main model's, so those copies are checked
+    against them. Without MTP modules (a config that cannot hold them) everything is reported and skipped.
+    `read(name)` returns a tensor, dequantised."""
+    shared = {"embed_tokens.weight": model.embed.weight, "shared_head.head.weight": model.head.weight}
+    skipped = []
+    for name in names:
+        key = _MTP.sub("", name, count=1)
+        if model.mtp is not None and key in shared:
+            if not torch.equal(read(name).to(shared[key].dtype), shared[key].detach().cpu().to(shared[key].dtype)):
+                warnings.warn(f"{name} differs from the main model's; dsv3's MTP modules use the main model's",
+                              stacklevel=3)
+        else:
+            skipped.append(name)
+    if skipped:
+        kinds = sorted({re.sub(r"experts\.\d+\.", "experts.*.", n) for n in skipped})
+        warnings.warn(f"skipped {len(skipped)} multi-token-prediction tensors (this model has no MTP module for "
+                      f"them): {', '.join(kinds)}", stacklevel=3)
 
 
 def from_hf(path: str | Path, *, dtype: torch.dtype | str | None = None,
@@ -382,13 +402,18 @@ def from_hf(path: str | Path, *, dtype: torch.dtype | str | None = None,
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype}")
     device = torch.device(device or "cpu")
     files = _shard_files(path)
-    with torch.device("meta"):
-        model = DeepSeekV3(cfg)
-    plan = _weight_plan(model, hc)
     with ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
         where = {name: f for f, h in handles.items() for name in h.keys()}
-        mtp = [n for n in where if (m := _MTP.match(n)) and cfg.n_layers <= int(m.group(1)) < cfg.n_layers + hc.n_mtp]
+        # DeepSeek's MTP layers (an MLA + MoE block each) load into dsv3's MTP modules when the files hold them
+        if hc.n_mtp and cfg.attn == "mla" and cfg.has_moe and any(
+                n.startswith(f"model.layers.{cfg.n_layers}.") for n in where):
+            cfg = cfg.replace(n_mtp_layers=hc.n_mtp)
+        with torch.device("meta"):
+            model = DeepSeekV3(cfg)
+        plan = _weight_plan(model, hc)
+        mtp = [n for n in where if (m := _MTP.match(n)) and cfg.n_layers <= int(m.group(1)) < cfg.n_layers + hc.n_mtp
+               and n not in plan]
         scales = {n for n in where if n.endswith(".weight_scale_inv")}
         unknown = sorted(set(where) - plan.keys() - set(mtp) - scales)
         missing = sorted(plan.keys() - set(where))
@@ -421,7 +446,7 @@ def from_hf(path: str | Path, *, dtype: torch.dtype | str | None = None,
         if cfg.tie_embeddings:  # to_empty gave the head a tensor of its own
             model.head.weight = model.embed.weight
         with torch.no_grad():
-            for m in model.moe_layers():  # fp32 like transformers' e_score_correction_bias (and selection in fp32)
+            for m in model.moe_layers(mtp=True):  # fp32 like transformers' e_score_correction_bias
                 m.gate.bias = torch.zeros(cfg.n_routed_experts, device=device)
                 m.gate.step_load.zero_()
                 m.last_load.zero_()

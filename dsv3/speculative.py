@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import torch
 
+from .cache import KVCache
 from .data import EOT
 from .generate import draw, probabilities, sample
-from .cache import KVCache
 
 
 def verify_compiled(model, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """model(tokens, cache=cache) for T new positions per row, tokens (B, T), with static shapes: the blocks' one-token
-    step (`kernels.decode.block_decode`, torch.compile'd as in `DeepSeekV3.decode_step`) over T positions at once, against the whole
-    absorbed cache under a mask. -> logits (B, T, V) and the hidden states after the final norm (B, T, dim)."""
+    """model(tokens, cache=cache) for T new positions per row, tokens (B, T), with static shapes: the blocks'
+    one-token step (`kernels.decode.block_decode`, torch.compile'd as in `DeepSeekV3.decode_step`) over T positions
+    at once, against the whole absorbed cache under a mask. -> logits (B, T, V) and the hidden states after the
+    final norm (B, T, dim)."""
     from .kernels.decode import compiled_block_decode
 
     dev = model.rope_cos.device

@@ -21,8 +21,9 @@ from .experts import gathered
 
 
 def block_decode(block, x, cos, sin, c_kv, k_pe, pos, mask):
-    """Block.forward for one new position per row (or T, with pos (T,) and mask (B|1, 1, T, S)) against this block's slice of an absorbed MLA cache
-    (c_kv (B, S, r), k_pe (B, S, rope)); `mask` (B|1, 1, 1, S) is True for the slots the query may see."""
+    """Block.forward for one new position per row (or T of them: pos (T,), mask (B|1, 1, T, S)) against this
+    block's slice of an absorbed MLA cache (c_kv (B, S, r), k_pe (B, S, rope)); `mask` (B|1, 1, 1, S) is True for
+    the slots the query may see."""
     attn = block.attn
     q, c, kpe = attn.project(block.attn_norm(x), cos, sin)
     c_kv.index_copy_(1, pos.view(-1), c.to(c_kv.dtype))  # pos: one position, or (T,) for T new tokens per row
