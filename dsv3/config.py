@@ -200,6 +200,7 @@ class ModelConfig:
                                        *([f.name for f in fields(self) if f.name.startswith("yarn_") and
                                           f.name != "yarn_factor"] if self.yarn_factor != 1 else []),
                                        "norm_eps", "tie_embeddings", "init_std"],
+            "multi-token prediction": ["n_mtp_layers", *(["mtp_loss_weight"] if self.n_mtp_layers else [])],
         }
         assert {n for g in groups.values() for n in g} <= names
         return {title: {n: getattr(self, n) for n in group} for title, group in groups.items() if group}

@@ -82,10 +82,12 @@ def test_info_shows_only_the_fields_that_apply(capsys):
     assert not mla_moe & {"n_kv_heads", "head_dim", "dense_inter_dim", "n_limited_groups"}
     assert {"n_kv_heads", "head_dim", "dense_inter_dim"} <= gqa_dense
     assert not gqa_dense & {"kv_lora_rank", "q_lora_rank", "n_routed_experts", "aux_loss_coef", "n_dense_layers"}
-    cfg = dsv3.ModelConfig.preset("tiny", n_dense_layers=1, n_expert_groups=2, n_limited_groups=1, yarn_factor=4.0)
+    cfg = dsv3.ModelConfig.preset("tiny", n_dense_layers=1, n_expert_groups=2, n_limited_groups=1, yarn_factor=4.0,
+                                  n_mtp_layers=1)
     fields = {k for group in cfg.sections().values() for k in group}
-    assert {"dense_inter_dim", "n_limited_groups", "group_score", "yarn_beta_fast"} <= fields
-    assert "yarn_beta_fast" not in {k for g in dsv3.ModelConfig.preset("tiny").sections().values() for k in g}
+    assert {"dense_inter_dim", "n_limited_groups", "group_score", "yarn_beta_fast", "mtp_loss_weight"} <= fields
+    plain = {k for g in dsv3.ModelConfig.preset("tiny").sections().values() for k in g}
+    assert "n_mtp_layers" in plain and not plain & {"yarn_beta_fast", "mtp_loss_weight"}
     gqa = {k for g in dsv3.ModelConfig.preset("smollm2-135m").sections().values() for k in g}
     assert fields | gqa == set(cfg.to_dict())  # every field shows where it applies
 
