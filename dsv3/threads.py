@@ -85,18 +85,20 @@ class ThreadGovernor:
         self._mark()
 
     def decide(self, efficiency: float, idle_cpus: float | None) -> None:
+        """One window's verdict: efficiency = CPU s / (wall s x threads); idle_cpus: the machine's idle CPUs."""
         probed, self.probing = self.probing, False
         if efficiency < self.low and self.threads > 1:  # sharing the cores: fewer threads spin less
             if probed:
-                self.wait = min(2 * self.wait, MAX_WAIT)
+                self.wait = min(2 * self.wait, MAX_WAIT)  # still shared: wait longer before the next try
             self._set(self.threads // 2)
-        elif self.threads < self.max:
+            return
+        if probed:
+            self.wait = 1  # the try held: the other job has gone
+        if self.threads < self.max:
             self.since += 1
             if self.since >= self.wait and (idle_cpus is None or idle_cpus >= IDLE):  # cores free: try more
                 self.probing = True
                 self._set(min(2 * self.threads, self.max))
-        elif probed:
-            self.wait = 1  # the try held: the other job has gone
 
     def _set(self, n: int) -> None:
         self.threads, self.since = n, 0
