@@ -83,7 +83,7 @@ def worker(args) -> None:
     print("ready", flush=True)
     sys.stdin.readline()
     if args.job == "train" and gov is not None:
-        gov.begin()
+        gov.begin()  # (the first step ran ungoverned)
     while True:  # until the parent kills us at the end of the window
         n = step()
         print(time.time(), n, torch.get_num_threads(), flush=True)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-LOW = 0.65  # efficiency below this: the cores are shared (alone ~0.9-1.0, shared ~0.5)
+LOW = 0.75  # efficiency below this: the cores are shared (alone ~0.9-1.0; 2 of 3 threads on 2 cores ~0.67)
 WINDOW = 1.0  # seconds of governed work per decision
 IDLE = 0.5  # idle CPUs (on average over a window) that make trying more threads worthwhile
 MAX_WAIT = 32  # windows between tries at most
@@ -75,6 +75,8 @@ class ThreadGovernor:
 
     def tick(self) -> None:
         """One step done: once a window has passed, judge it."""
+        if self.threads is None:  # begin() not called yet
+            return
         wall = self.clock() - self.t0
         if wall < self.window:
             return
