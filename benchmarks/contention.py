@@ -122,7 +122,8 @@ def run_scenario(jobs: list[str], policy: str, args) -> tuple[list[float], list[
         r.join(timeout=5)
     out, threads = [], []
     for rows in lines:
-        done = [(float(t), int(n), int(k)) for t, n, k in (line.split() for line in rows)]
+        cells = [line.split() for line in rows]  # (the kill may cut a last line short)
+        done = [(float(t), int(n), int(k)) for t, n, k in (c for c in cells if len(c) == 3)]
         out.append(sum(n for t, n, _ in done if t_measure < t <= t_end) / args.seconds)
         threads.append(([k for t, _, k in done if t <= t_end] or [0])[-1])
     return out, threads
