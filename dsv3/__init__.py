@@ -8,7 +8,6 @@ Public API
   speed:      kernels (the fast paths; `with dsv3.kernels.disabled():` runs the plain reference)
 """
 
-from . import _openmp  # noqa: F401,I001  first: sets OMP_WAIT_POLICY before torch loads OpenMP (see _openmp.py)
 from . import kernels
 from .cache import KVCache
 from .checkpoint import load_checkpoint, save_checkpoint

@@ -608,7 +608,9 @@ def cmd_bench(args) -> int:
     if args.threads is not None:
         if not 1 <= args.threads <= (os.cpu_count() or 1):
             raise ValueError(f"--threads must be in [1, {os.cpu_count()}], got {args.threads}")
-        torch.set_num_threads(args.threads)
+        from .threads import fix
+
+        fix(args.threads)  # the user's choice: the generation loop's thread governor stays off
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible to torch")
     presets = tuple(p for p in (args.presets or "").split(",") if p) or None

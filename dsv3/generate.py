@@ -36,6 +36,8 @@ import torch
 from .config import SettingError
 from .data import EOT, get_tokenizer
 from .model import DeepSeekV3
+from .threads import fix as fix_threads
+from .threads import governor as thread_governor
 
 CACHE_MODES = ("absorbed", "naive", "none")
 
@@ -247,14 +249,21 @@ def _loop(model, tokens, max_new_tokens, sampling, cache, key_mask, trace, compi
     model.eval()  # training mode would count routed slots into the gates' step_load
     for m in moes:
         m.trace = trace is not None
+    governor = thread_governor() if device.type == "cpu" else None  # see threads.py
     try:
+        if governor is not None:
+            governor.begin()
         logits = forward(0, P)
         for n in range(P, N):
             seq[:, n] = sample(logits, *sampling)
             yield seq[:, n]
             if n + 1 < N or trace is not None:
                 logits = forward(n, n + 1)
+                if governor is not None:
+                    governor.tick()  # fewer threads while another job shares the CPU cores
     finally:
+        if governor is not None:
+            governor.end()
         model.train(was_training)
         for m in moes:
             m.trace, m.last_topk = False, None
@@ -508,7 +517,7 @@ def cmd_generate(args) -> int:
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+        fix_threads(args.threads)  # the user's choice: not governed
     if args.dtype is not None and args.hf is None:
         raise ValueError("--dtype goes with --hf (it sets the dtype of the imported weights)")
     flag, source = ("--hf", args.hf) if args.hf is not None else ("--checkpoint", args.checkpoint)

@@ -54,6 +54,7 @@ from .config import PRESETS, ModelConfig, SettingError
 from .data import TOKENIZER_NAME, BatchSampler, load_tokens, split_tokens, val_batches
 from .distributed import DataParallel, world_size_from_env
 from .model import DeepSeekV3
+from .threads import governor as thread_governor
 
 # Per-preset training defaults; fields left None in TrainConfig take these.
 # 174m: the seed's phase 1 (5000 steps of 16 x 1024 tokens, peak lr 1e-3, 100 warmup steps).
@@ -441,6 +442,9 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
         since = sum(r["step"] > history.best["step"] for r in history.val)  # validations without a new best
         return cfg.early_stop > 0 and since >= cfg.early_stop
     log_file = metrics if main else os.devnull
+    governor = thread_governor(explicit=bool(cfg.threads)) if device.type == "cpu" else None  # see threads.py
+    if governor is not None:
+        governor.begin()  # (train() gives the caller back its thread count)
     with _DeferInterrupt(escalate=dp is None) as interrupt, bar, open(log_file, "a") as log:
         while step < end:
             late = cfg.time_limit is not None and time.perf_counter() - t_start >= cfg.time_limit
@@ -480,6 +484,8 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
             load = host[6:].view(len(loads), -1).tolist() if loads else []
             model.update_router_bias()  # b_i update (when bias_update_speed > 0); resets the step's counts
             step += 1
+            if governor is not None:
+                governor.tick()  # fewer threads while another job shares the CPU cores
             dt = time.perf_counter() - t0
             loss, ce, aux, z, mtp = host[:5].tolist()
             rec = {"step": step, "loss": loss, "ce": ce, "aux": aux, "z": z,

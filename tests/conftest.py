@@ -1,11 +1,12 @@
 """Shared fixtures: small configs that run in milliseconds on a CPU."""
 
-import os  # noqa: I001  (dsv3 comes before torch: it sets OMP_WAIT_POLICY while that still takes effect)
+import os
 from pathlib import Path
 
-import dsv3
 import pytest
 import torch
+
+import dsv3
 
 ROOT = Path(__file__).resolve().parents[1]
 # Offline runs: the tokenizer BPE file and the corpus live in ../shared on CI and dev machines.
