@@ -26,6 +26,7 @@ import torch
 from .cache import KVCache
 from .data import EOT
 from .generate import draw, probabilities, sample
+from .threads import governor as thread_governor
 
 
 def verify_compiled(model, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +161,10 @@ def speculative_loop(model, tokens, max_new_tokens, sampling, cache, key_mask, t
     model.eval()
     for m in moes:
         m.trace = trace is not None
+    governor = thread_governor() if device.type == "cpu" else None  # see threads.py
     try:
+        if governor is not None:
+            governor.begin()
         logits = main(0, P, last_only=True)[:, -1]
         route(P)
         none = torch.full((B,), -1, dtype=torch.long, device=device)
@@ -186,10 +190,14 @@ def speculative_loop(model, tokens, max_new_tokens, sampling, cache, key_mask, t
             kv.pos = n + a  # rollback: the slots of rejected drafts are overwritten by the next forward
             mtp_pos = max(0, min(n - 1, n + a - k_use + 1))
             pending = [proposed[:, j] if j < k_use else none for j in range(a + 1)]
+            if governor is not None:
+                governor.tick()  # fewer threads while another job shares the CPU cores
         if trace is not None and N > P:  # route the last token too, as generate._loop does
             main(N - 1, N)
             route(1)
     finally:
+        if governor is not None:
+            governor.end()
         model.train(was_training)
         for m in moes:
             m.trace, m.last_topk = False, None
