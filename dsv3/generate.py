@@ -249,7 +249,8 @@ def _loop(model, tokens, max_new_tokens, sampling, cache, key_mask, trace, compi
     model.eval()  # training mode would count routed slots into the gates' step_load
     for m in moes:
         m.trace = trace is not None
-    governor = thread_governor() if device.type == "cpu" else None  # see threads.py
+    # see threads.py; not with compile=True: compiled graphs are guarded on the thread count (a change recompiles)
+    governor = thread_governor() if device.type == "cpu" and not compile else None
     try:
         if governor is not None:
             governor.begin()

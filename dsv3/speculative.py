@@ -161,7 +161,8 @@ def speculative_loop(model, tokens, max_new_tokens, sampling, cache, key_mask, t
     model.eval()
     for m in moes:
         m.trace = trace is not None
-    governor = thread_governor() if device.type == "cpu" else None  # see threads.py
+    # see threads.py; not with compile=True: compiled graphs are guarded on the thread count (a change recompiles)
+    governor = thread_governor() if device.type == "cpu" and not compile else None
     try:
         if governor is not None:
             governor.begin()

@@ -147,6 +147,9 @@ def test_generation_is_governed_by_default(recorder, model):
     out = list(dsv3.generate_tokens(model, torch.zeros(1, 3, dtype=torch.long), 5, temperature=0))
     assert len(out) == 5
     assert recorder.log == ["begin"] + ["tick"] * 4 + ["end"]  # a tick per decoded token
+    recorder.log.clear()  # compiled decoding: its graphs are guarded on the thread count, so it is left alone
+    list(dsv3.generate_tokens(model, torch.zeros(1, 3, dtype=torch.long), 2, temperature=0, compile=True))
+    assert recorder.log == []
 
 
 @pytest.mark.skipif(not os.environ.get("DSV3_CORPUS"), reason="needs DSV3_CORPUS (Tiny Shakespeare)")
