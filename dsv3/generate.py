@@ -208,17 +208,26 @@ def generate_tokens(model: DeepSeekV3, tokens: torch.Tensor, max_new_tokens: int
     return _loop(model, tokens, max_new_tokens, (temperature, top_k, top_p, gen), cache, key_mask, trace, compile)
 
 
-@torch.inference_mode()
-def _loop(model, tokens, max_new_tokens, sampling, cache, key_mask, trace, compile):
+def _sequence(model, tokens, max_new_tokens, key_mask):
+    """The (B, P + max_new_tokens) buffer of token ids with the prompts in place, and the key mask extended over the
+    new positions (None when nothing is padding): the decoding loops' shared start."""
     device = model.embed.weight.device
     B, P = tokens.shape
-    N = P + max_new_tokens
-    seq = torch.full((B, N), EOT, dtype=torch.long, device=device)
+    seq = torch.full((B, P + max_new_tokens), EOT, dtype=torch.long, device=device)
     seq[:, :P] = tokens
     if key_mask is not None:
         key_mask = torch.cat([key_mask.to(device), key_mask.new_ones(B, max_new_tokens, device=device)], dim=1)
         if key_mask.all():
             key_mask = None
+    return seq, key_mask
+
+
+@torch.inference_mode()
+def _loop(model, tokens, max_new_tokens, sampling, cache, key_mask, trace, compile):
+    device = model.embed.weight.device
+    B, P = tokens.shape
+    N = P + max_new_tokens
+    seq, key_mask = _sequence(model, tokens, max_new_tokens, key_mask)
     kv = None
     if cache != "none":  # bf16 on CUDA halves the cache; the reads cast back to the compute dtype
         kv = model.new_cache(B, N, absorb=cache == "absorbed",

@@ -24,8 +24,7 @@ from __future__ import annotations
 import torch
 
 from .cache import KVCache
-from .data import EOT
-from .generate import draw, probabilities, sample
+from .generate import _sequence, draw, probabilities, sample
 from .threads import governor as thread_governor
 
 
@@ -90,12 +89,7 @@ def speculative_loop(model, tokens, max_new_tokens, sampling, cache, key_mask, t
     cfg, D = model.cfg, model.cfg.n_mtp_layers
     B, P = tokens.shape
     N = P + max_new_tokens
-    seq = torch.full((B, N), EOT, dtype=torch.long, device=device)
-    seq[:, :P] = tokens
-    if key_mask is not None:
-        key_mask = torch.cat([key_mask.to(device), key_mask.new_ones(B, max_new_tokens, device=device)], dim=1)
-        if key_mask.all():
-            key_mask = None
+    seq, key_mask = _sequence(model, tokens, max_new_tokens, key_mask)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     kv = model.new_cache(B, N, absorb=cache == "absorbed", dtype=dtype)  # the main model's
     mkv = KVCache(cfg.replace(n_layers=D, n_dense_layers=0), B, N, absorb=cache == "absorbed", device=device,

@@ -26,6 +26,15 @@ def small_cfg(**overrides) -> dsv3.ModelConfig:
     return dsv3.ModelConfig.preset("174m", **base)
 
 
+def make_moe(**overrides) -> dsv3.moe.MoE:
+    """A MoE layer of `small_cfg` with weights large enough (std 0.2) that routing differs between tokens."""
+    torch.manual_seed(123)
+    m = dsv3.moe.MoE(small_cfg(**overrides))
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return m
+
+
 @pytest.fixture
 def cfg():
     return small_cfg()

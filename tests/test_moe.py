@@ -5,17 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_cfg
+from conftest import make_moe, small_cfg
 
-from dsv3.moe import MoE, balance_loss, expert_load, router_z_loss
-
-
-def make_moe(**overrides) -> MoE:
-    torch.manual_seed(123)
-    m = MoE(small_cfg(**overrides))
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    return m
+from dsv3.moe import balance_loss, expert_load, router_z_loss
 
 
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])

@@ -4,20 +4,12 @@ KeptGradCast."""
 
 import pytest
 import torch
-from conftest import small_cfg
+from conftest import make_moe
 
 from dsv3 import kernels
 from dsv3.kernels import experts as ke
 from dsv3.kernels.buffers import KeptGradCast
 from dsv3.moe import MoE, routed_experts
-
-
-def make_moe(**overrides) -> MoE:
-    torch.manual_seed(123)
-    m = MoE(small_cfg(**overrides))
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    return m
 
 
 def reference(m: MoE, x: torch.Tensor) -> torch.Tensor:
