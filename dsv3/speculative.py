@@ -33,7 +33,7 @@ def verify_compiled(model, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.
     one-token step (`kernels.decode.block_decode`, torch.compile'd as in `DeepSeekV3.decode_step`) over T positions
     at once, against the whole absorbed cache under a mask. -> logits (B, T, V) and the hidden states after the
     final norm (B, T, dim)."""
-    from .kernels.decode import compiled_block_decode
+    from .kernels.decode import compiled_block_decode, graphs_allowed
 
     dev = model.rope_cos.device
     T = tokens.shape[1]
@@ -42,8 +42,9 @@ def verify_compiled(model, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.
     mask = cache.mask(T, whole_cache=True)  # causal over the written slots, minus padding
     x = model.embed(tokens)
     step = compiled_block_decode(dev.type)
-    for block in model.layers:
-        x = step(block, x, cos, sin, cache.c_kv[block.layer_id], cache.k_pe[block.layer_id], pos, mask)
+    with graphs_allowed():
+        for block in model.layers:
+            x = step(block, x, cos, sin, cache.c_kv[block.layer_id], cache.k_pe[block.layer_id], pos, mask)
     cache.pos += T
     h = model.norm(x)
     return model.head(h), h

@@ -35,6 +35,18 @@ def make_moe(**overrides) -> dsv3.moe.MoE:
     return m
 
 
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """Each test gets the thread count it started with back, and the governor unfixed. A CLI run in-process
+    with `--threads 1` would otherwise leave 1 thread to every later test, and compiled graphs are guarded on
+    the thread count: each change recompiles them."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    dsv3.threads._fixed = False
+
+
 @pytest.fixture
 def cfg():
     return small_cfg()

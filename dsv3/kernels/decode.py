@@ -10,6 +10,7 @@ no host sync, no data-dependent shape. tests/test_generate.py checks it against 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -50,6 +51,20 @@ def _options(device_type: str) -> dict:
     return {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 
+GRAPHS = 64  # compiled graphs allowed per function: one per model shape, batch size and thread count met
+
+
+def graphs_allowed():
+    """A context in which each compiled decoding function may hold up to GRAPHS graphs. A session (a notebook,
+    the playground, the tests) meets several model shapes and thread counts, and dynamo's default limit of 8
+    graphs per function is a hard error under fullgraph."""
+    import torch._dynamo
+
+    if torch._dynamo.config.recompile_limit >= GRAPHS:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(recompile_limit=GRAPHS)
+
+
 @functools.cache
 def compiled_block_decode(device_type: str):
     """`block_decode` under torch.compile: one graph for every block of every model of the same shapes."""
@@ -78,11 +93,14 @@ def decode_step(model, tokens: torch.Tensor, cache, compiled: bool = False) -> t
     cos, sin = model.rope_cos.index_select(0, pos.view(1)), model.rope_sin.index_select(0, pos.view(1))
     mask = cache.mask(1, whole_cache=True)  # the slots written so far, minus padding
     x = model.embed(tokens)
-    step = compiled_block_decode(dev.type) if compiled else block_decode
-    for block in model.layers:
-        i = block.layer_id
-        x = step(block, x, cos, sin, cache.c_kv[i], cache.k_pe[i], pos, mask)
-    cache.pos += 1
-    if compiled:
+    if not compiled:
+        for block in model.layers:
+            x = block_decode(block, x, cos, sin, cache.c_kv[block.layer_id], cache.k_pe[block.layer_id], pos, mask)
+        cache.pos += 1
+        return model.head(model.norm(x))[:, -1]
+    step = compiled_block_decode(dev.type)
+    with graphs_allowed():
+        for block in model.layers:
+            x = step(block, x, cos, sin, cache.c_kv[block.layer_id], cache.k_pe[block.layer_id], pos, mask)
+        cache.pos += 1
         return compiled_head_decode(dev.type)(model.norm, model.head.weight, x)
-    return model.head(model.norm(x))[:, -1]
