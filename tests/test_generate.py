@@ -220,20 +220,20 @@ def test_compiled_decoding_equals_eager_in_one_graph_for_all_blocks(model):
     assert dsv3.generate(model, prompts[0], 24, temperature=0, compile=True) == ref[0].text
 
 
-def test_compiled_decoding_outlives_dynamos_graph_limit(model, monkeypatch):
+def test_compiled_decoding_outlives_dynamos_graph_limit(model):
     """A session meets many shapes and thread counts (a notebook, the playground, this suite): compiled decoding
     keeps one graph per combination beyond dynamo's recompile limit instead of failing (fullgraph makes hitting
     the limit an error). Here the limit is 1 and three thread counts need three graphs of each function."""
     import torch._dynamo
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    n = torch.get_num_threads()
+    limit = torch._dynamo.config.recompile_limit
     ref = dsv3.generate(model, "ROMEO:", 4, temperature=0)
-    for threads in (1, 2, 3):  # compiled graphs are guarded on the thread count
-        torch.set_num_threads(threads)
-        assert dsv3.generate(model, "ROMEO:", 4, temperature=0, compile=True) == ref
-    torch.set_num_threads(n)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for threads in (1, 2, 3):  # compiled graphs are guarded on the thread count (conftest restores it)
+            torch.set_num_threads(threads)
+            assert dsv3.generate(model, "ROMEO:", 4, temperature=0, compile=True) == ref
+    assert torch._dynamo.config.recompile_limit == limit  # the session's own limit again
 
 
 def test_rows_finish_independently(model):
