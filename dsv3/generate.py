@@ -37,7 +37,7 @@ from .config import SettingError
 from .data import EOT, get_tokenizer
 from .model import DeepSeekV3
 from .threads import fix as fix_threads
-from .threads import governor as thread_governor
+from .threads import governed
 
 CACHE_MODES = ("absorbed", "naive", "none")
 
@@ -258,22 +258,16 @@ def _loop(model, tokens, max_new_tokens, sampling, cache, key_mask, trace, compi
     model.eval()  # training mode would count routed slots into the gates' step_load
     for m in moes:
         m.trace = trace is not None
-    # see threads.py; not with compile=True: compiled graphs are guarded on the thread count (a change recompiles)
-    governor = thread_governor() if device.type == "cpu" and not compile else None
     try:
-        if governor is not None:
-            governor.begin()
-        logits = forward(0, P)
-        for n in range(P, N):
-            seq[:, n] = sample(logits, *sampling)
-            yield seq[:, n]
-            if n + 1 < N or trace is not None:
-                logits = forward(n, n + 1)
-                if governor is not None:
-                    governor.tick()  # fewer threads while another job shares the CPU cores
+        with governed(device, compile) as tick:  # fewer threads while another job shares the CPU (threads.py)
+            logits = forward(0, P)
+            for n in range(P, N):
+                seq[:, n] = sample(logits, *sampling)
+                yield seq[:, n]
+                if n + 1 < N or trace is not None:
+                    logits = forward(n, n + 1)
+                    tick()
     finally:
-        if governor is not None:
-            governor.end()
         model.train(was_training)
         for m in moes:
             m.trace, m.last_topk = False, None

@@ -25,7 +25,7 @@ import torch
 
 from .cache import KVCache
 from .generate import _sequence, draw, probabilities, sample
-from .threads import governor as thread_governor
+from .threads import governed
 
 
 def verify_compiled(model, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,44 +156,38 @@ def speculative_loop(model, tokens, max_new_tokens, sampling, cache, key_mask, t
     model.eval()
     for m in moes:
         m.trace = trace is not None
-    # see threads.py; not with compile=True: compiled graphs are guarded on the thread count (a change recompiles)
-    governor = thread_governor() if device.type == "cpu" and not compile else None
     try:
-        if governor is not None:
-            governor.begin()
-        logits = main(0, P, last_only=True)[:, -1]
-        route(P)
-        none = torch.full((B,), -1, dtype=torch.long, device=device)
-        n, mtp_pos = P, 0  # n tokens decided (yielded or about to be); MTP caches valid below mtp_pos
-        if N > P:
-            seq[:, P] = sample(logits, temperature, top_k, top_p, gen)
-        pending = [none]  # the draft behind each decided token not yet yielded
-        while True:
-            for proposal in pending:
+        with governed(device, compile) as tick:  # fewer threads while another job shares the CPU (threads.py)
+            logits = main(0, P, last_only=True)[:, -1]
+            route(P)
+            none = torch.full((B,), -1, dtype=torch.long, device=device)
+            n, mtp_pos = P, 0  # n tokens decided (yielded or about to be); MTP caches valid below mtp_pos
+            if N > P:
+                seq[:, P] = sample(logits, temperature, top_k, top_p, gen)
+            pending = [none]  # the draft behind each decided token not yet yielded
+            while True:
+                for proposal in pending:
+                    if n == N:
+                        break
+                    n += 1
+                    if drafts is not None:
+                        drafts.append(proposal)
+                    yield seq[:, n - 1]
                 if n == N:
                     break
-                n += 1
-                if drafts is not None:
-                    drafts.append(proposal)
-                yield seq[:, n - 1]
-            if n == N:
-                break
-            k_use = min(D, N - n - 1)  # drafts that can still be kept within max_new_tokens
-            qs = propose(n, mtp_pos, k_use) if k_use else []
-            proposed = seq[:, n:n + k_use].clone()
-            a = accept(main(n - 1, n + k_use), qs, n, k_use)
-            route(a + 1)  # the kept positions t_{n-1}, d_1 .. d_a
-            kv.pos = n + a  # rollback: the slots of rejected drafts are overwritten by the next forward
-            mtp_pos = max(0, min(n - 1, n + a - k_use + 1))
-            pending = [proposed[:, j] if j < k_use else none for j in range(a + 1)]
-            if governor is not None:
-                governor.tick()  # fewer threads while another job shares the CPU cores
-        if trace is not None and N > P:  # route the last token too, as generate._loop does
-            main(N - 1, N)
-            route(1)
+                k_use = min(D, N - n - 1)  # drafts that can still be kept within max_new_tokens
+                qs = propose(n, mtp_pos, k_use) if k_use else []
+                proposed = seq[:, n:n + k_use].clone()
+                a = accept(main(n - 1, n + k_use), qs, n, k_use)
+                route(a + 1)  # the kept positions t_{n-1}, d_1 .. d_a
+                kv.pos = n + a  # rollback: the slots of rejected drafts are overwritten by the next forward
+                mtp_pos = max(0, min(n - 1, n + a - k_use + 1))
+                pending = [proposed[:, j] if j < k_use else none for j in range(a + 1)]
+                tick()
+            if trace is not None and N > P:  # route the last token too, as generate._loop does
+                main(N - 1, N)
+                route(1)
     finally:
-        if governor is not None:
-            governor.end()
         model.train(was_training)
         for m in moes:
             m.trace, m.last_topk = False, None

@@ -15,6 +15,7 @@ It never goes above the thread count it started from, and it is off when the use
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -118,11 +119,29 @@ def fix(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def governor(explicit: bool = False) -> ThreadGovernor | None:
-    """The process's governor (what it learnt carries over between runs), or None when it is off."""
+def governor(explicit: bool = False, device: torch.device | str = "cpu",
+             compiled: bool = False) -> ThreadGovernor | None:
+    """The process's governor (what it learnt carries over between runs), or None when it is off: threads chosen
+    by the user, not on the CPU, or under torch.compile (compiled graphs are guarded on the thread count: a change
+    recompiles them)."""
     global _shared
-    if explicit or _fixed or not enabled():
+    if explicit or _fixed or not enabled() or torch.device(device).type != "cpu" or compiled:
         return None
     if _shared is None:
         _shared = ThreadGovernor()
     return _shared
+
+
+@contextlib.contextmanager
+def governed(device: torch.device | str = "cpu", compiled: bool = False):
+    """Govern the steps run inside: yields `tick`, to call after each step (a no-op where the governor is off);
+    the caller's thread count comes back at the end."""
+    gov = governor(device=device, compiled=compiled)
+    if gov is None:
+        yield lambda: None
+        return
+    gov.begin()
+    try:
+        yield gov.tick
+    finally:
+        gov.end()

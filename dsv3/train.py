@@ -442,8 +442,7 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
         since = sum(r["step"] > history.best["step"] for r in history.val)  # validations without a new best
         return cfg.early_stop > 0 and since >= cfg.early_stop
     log_file = metrics if main else os.devnull
-    # see threads.py; not under torch.compile, whose graphs are guarded on the thread count (a change recompiles)
-    governor = thread_governor(explicit=bool(cfg.threads)) if device.type == "cpu" and not cfg.compile else None
+    governor = thread_governor(explicit=bool(cfg.threads), device=device, compiled=cfg.compile)  # see threads.py
     if governor is not None:
         governor.begin()  # (train() gives the caller back its thread count)
     with _DeferInterrupt(escalate=dp is None) as interrupt, bar, open(log_file, "a") as log:

@@ -47,6 +47,16 @@ def _threads_restored():
     dsv3.threads._fixed = False
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For files of tiny matmuls (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a busy 2-core machine a
+    second OpenMP thread made them ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def cfg():
     return small_cfg()

@@ -20,13 +20,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and _TIKTOKEN.is_dir():
 PROMPT = "ROMEO: speak"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matmuls are tiny; on a busy 2-core machine a second OpenMP thread made this file ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> dsv3.ModelConfig:

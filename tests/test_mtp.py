@@ -19,12 +19,7 @@ SMALL = dict(vocab_size=32, dim=32, n_layers=2, n_heads=2, kv_lora_rank=16, qk_n
              v_head_dim=8, moe_inter_dim=16, dense_inter_dim=48, max_seq_len=96)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(seed=0, scale=1.0, **overrides) -> dsv3.DeepSeekV3:

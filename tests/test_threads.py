@@ -102,6 +102,8 @@ def test_switches(monkeypatch):
     gov = threads.governor()
     assert isinstance(gov, ThreadGovernor) and threads.governor() is gov  # on by default, one per process
     assert threads.governor(explicit=True) is None  # TrainConfig.threads / --threads
+    assert threads.governor(device="cuda") is None  # CPU threads only
+    assert threads.governor(compiled=True) is None  # compiled graphs are guarded on the thread count
     monkeypatch.setenv("DSV3_ADAPTIVE_THREADS", "0")
     assert threads.governor() is None
     monkeypatch.delenv("DSV3_ADAPTIVE_THREADS")

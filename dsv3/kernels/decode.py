@@ -93,14 +93,11 @@ def decode_step(model, tokens: torch.Tensor, cache, compiled: bool = False) -> t
     cos, sin = model.rope_cos.index_select(0, pos.view(1)), model.rope_sin.index_select(0, pos.view(1))
     mask = cache.mask(1, whole_cache=True)  # the slots written so far, minus padding
     x = model.embed(tokens)
-    if not compiled:
-        for block in model.layers:
-            x = block_decode(block, x, cos, sin, cache.c_kv[block.layer_id], cache.k_pe[block.layer_id], pos, mask)
-        cache.pos += 1
-        return model.head(model.norm(x))[:, -1]
-    step = compiled_block_decode(dev.type)
-    with graphs_allowed():
+    step = compiled_block_decode(dev.type) if compiled else block_decode
+    with graphs_allowed() if compiled else contextlib.nullcontext():
         for block in model.layers:
             x = step(block, x, cos, sin, cache.c_kv[block.layer_id], cache.k_pe[block.layer_id], pos, mask)
         cache.pos += 1
-        return compiled_head_decode(dev.type)(model.norm, model.head.weight, x)
+        if compiled:
+            return compiled_head_decode(dev.type)(model.norm, model.head.weight, x)
+    return model.head(model.norm(x))[:, -1]
