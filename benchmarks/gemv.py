@@ -17,10 +17,10 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from bench import interleaved
 
 import dsv3
 import dsv3.kernels.decode as dec
-from dsv3.bench import interleaved
 
 
 def main() -> None:

@@ -7,16 +7,16 @@ row stride of the logits / gradient padded (a view of a 50,304-wide buffer), and
 Why dsv3's fused head + cross-entropy pads: with the odd 50,257, cuBLAS falls back to slower kernels (so on
 accelerators the vocabulary is padded), and on the CPU MKL writes the logits faster into 64-byte-aligned rows
 (so there the buffers' row stride is padded, W is not). Prints the median time and the FLOP/s of the unpadded
-problem: CUDA events, 10 runs after 3 warm-ups; CPU: `dsv3.bench.interleaved`, 9 rounds after 2 warm-ups.
+problem: CUDA events, 10 runs after 3 warm-ups; CPU: `interleaved` of benchmarks/bench.py, 9 rounds after 2 warm-ups.
 """
 
 import argparse
 
 import torch
+from bench import interleaved
 
 import dsv3
 import dsv3.kernels.head as head_mod
-from dsv3.bench import interleaved
 
 V, Vp = 50257, 50304
 

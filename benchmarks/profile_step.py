@@ -11,11 +11,11 @@ waits for the host).
 import argparse
 
 import torch
+from bench import interleaved
 from torch.profiler import ProfilerActivity, profile
 
 import dsv3
 import dsv3.kernels.head as head_mod
-from dsv3.bench import interleaved
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def cmd_info(args) -> int:
@@ -103,13 +104,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", action="store_true", help="the run's best checkpoint (RUN/best) instead of its newest")
     p.add_argument("--out", required=True, help="folder for config.json, model.safetensors, generation_config.json")
     p.set_defaults(func=cmd_export_hf)
-    from .bench import add_cli_args as add_bench_args
-    from .bench import cmd_bench
-
-    p = sub.add_parser("bench", help="benchmark training and decoding against transformers and the machine's peak")
-    add_bench_args(p)
-    p.set_defaults(func=cmd_bench)
+    bench = bench_harness()
+    if bench is not None:
+        p = sub.add_parser("bench", help="benchmark training and decoding against transformers and the machine's peak")
+        bench.add_cli_args(p)
+        p.set_defaults(func=bench.cmd_bench)
+    else:  # every argument taken as it comes ('\0': no option flags), so the answer is the one line below
+        p = sub.add_parser("bench", help="(a source checkout's benchmarks/bench.py)", prefix_chars="\0", add_help=False)
+        p.add_argument("args", nargs="*")
+        p.set_defaults(func=_no_bench_harness)
     return parser
+
+
+def _no_bench_harness(args) -> int:
+    print("error: python -m dsv3 bench runs benchmarks/bench.py of a source checkout (git clone, then "
+          "pip install -e .); this install has none", file=sys.stderr)
+    return 2
+
+
+def bench_harness():
+    """The benchmark harness, benchmarks/bench.py beside this package in a source checkout (lab code, not part of
+    the package); None where there is none (an installed wheel)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+    if "dsv3_bench" not in sys.modules and path.is_file():
+        spec = importlib.util.spec_from_file_location("dsv3_bench", path)
+        sys.modules["dsv3_bench"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules.get("dsv3_bench")
 
 
 def main(argv: list[str] | None = None) -> int:

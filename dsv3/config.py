@@ -30,6 +30,11 @@ class SettingError(ValueError):
         return msg
 
 
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise SettingError(msg)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # --- vocabulary and trunk ---
@@ -84,76 +89,76 @@ class ModelConfig:
     mtp_loss_weight: float = 0.3  # lambda: loss = ... + lambda / D * (sum of the depths' cross-entropies)
 
     def __post_init__(self):
-        def need(ok, msg):
-            if not ok:
-                raise SettingError(msg)
+        """Invalid values raise a SettingError naming the first bad field, checked in the order of the class."""
+        self._check_trunk()
+        self._check_attention()
+        self._check_ffn()
+        if self.has_moe:
+            self._check_moe()
+        self._check_positions()
 
+    def _check_trunk(self):
         for f in fields(self):
             v = getattr(self, f.name)
             if f.type == "int":
-                need(isinstance(v, int) and not isinstance(v, bool), f"{f.name} must be an int, got {v!r}")
+                _need(isinstance(v, int) and not isinstance(v, bool), f"{f.name} must be an int, got {v!r}")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        need(self.attn in ("mla", "gqa"), f"attn must be 'mla' or 'gqa', got {self.attn!r}")
-        need(self.ffn in ("moe", "dense"), f"ffn must be 'moe' or 'dense', got {self.ffn!r}")
+            _need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _need(self.attn in ("mla", "gqa"), f"attn must be 'mla' or 'gqa', got {self.attn!r}")
+        _need(self.ffn in ("moe", "dense"), f"ffn must be 'moe' or 'dense', got {self.ffn!r}")
+
+    def _check_attention(self):
         if self.attn == "mla":
-            need(self.q_lora_rank >= 0, f"q_lora_rank must be >= 0, got {self.q_lora_rank}")
+            _need(self.q_lora_rank >= 0, f"q_lora_rank must be >= 0, got {self.q_lora_rank}")
             for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
-                need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-            need(
-                self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0,
-                f"qk_rope_head_dim must be even and >= 2, got {self.qk_rope_head_dim}",
-            )
+                _need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+            _need(self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0,
+                  f"qk_rope_head_dim must be even and >= 2, got {self.qk_rope_head_dim}")
         else:
-            need(self.n_kv_heads >= 1, f"n_kv_heads must be >= 1, got {self.n_kv_heads}")
-            need(
-                self.n_heads % self.n_kv_heads == 0,
-                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})",
-            )
-            need(self.head_dim >= 2 and self.head_dim % 2 == 0, f"head_dim must be even and >= 2, got {self.head_dim}")
-        need(0 <= self.n_dense_layers <= self.n_layers, f"n_dense_layers must be in [0, n_layers={self.n_layers}]")
+            _need(self.n_kv_heads >= 1, f"n_kv_heads must be >= 1, got {self.n_kv_heads}")
+            _need(self.n_heads % self.n_kv_heads == 0,
+                  f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            _need(self.head_dim >= 2 and self.head_dim % 2 == 0, f"head_dim must be even and >= 2, got {self.head_dim}")
+
+    def _check_ffn(self):
+        _need(0 <= self.n_dense_layers <= self.n_layers, f"n_dense_layers must be in [0, n_layers={self.n_layers}]")
         if self.ffn == "dense" or self.n_dense_layers > 0:
-            need(self.dense_inter_dim >= 1, f"dense_inter_dim must be >= 1, got {self.dense_inter_dim}")
-        if self.has_moe:
-            need(self.n_routed_experts >= 1, f"n_routed_experts must be >= 1, got {self.n_routed_experts}")
-            need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
-            need(self.moe_inter_dim >= 1, f"moe_inter_dim must be >= 1, got {self.moe_inter_dim}")
-            need(
-                1 <= self.n_activated_experts <= self.n_routed_experts,
-                f"n_activated_experts (top-k) must be in [1, n_routed_experts={self.n_routed_experts}], "
-                f"got {self.n_activated_experts}",
-            )
-            need(
-                self.n_expert_groups >= 1 and self.n_routed_experts % self.n_expert_groups == 0,
-                f"n_expert_groups ({self.n_expert_groups}) must divide n_routed_experts ({self.n_routed_experts})",
-            )
-            need(
-                1 <= self.n_limited_groups <= self.n_expert_groups,
-                f"n_limited_groups must be in [1, n_expert_groups={self.n_expert_groups}], got {self.n_limited_groups}",
-            )
-            per_group = self.n_routed_experts // self.n_expert_groups
-            need(
-                self.n_limited_groups * per_group >= self.n_activated_experts,
-                f"n_limited_groups * experts per group ({self.n_limited_groups * per_group}) must be >= "
-                f"n_activated_experts ({self.n_activated_experts})",
-            )
-            need(self.score_func in ("softmax", "sigmoid"),
-                 f"score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
-            need(self.group_score in ("top2", "max"), f"group_score must be 'top2' or 'max', got {self.group_score!r}")
-            need(self.route_scale > 0, f"route_scale must be > 0, got {self.route_scale}")
-            for name in ("aux_loss_coef", "z_loss_coef", "bias_update_speed"):
-                need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        need(self.n_mtp_layers >= 0, f"n_mtp_layers must be >= 0, got {self.n_mtp_layers}")
-        need(self.mtp_loss_weight >= 0, f"mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}")
-        need(self.rope_theta > 0 and self.norm_eps > 0 and self.init_std > 0,
-             "rope_theta, norm_eps and init_std must be > 0")
-        need(self.latent_norm_eps is None or self.latent_norm_eps > 0,
-             f"latent_norm_eps must be None or > 0, got {self.latent_norm_eps}")
-        need(self.yarn_factor >= 1, f"yarn_factor must be >= 1 (1 = plain RoPE), got {self.yarn_factor}")
+            _need(self.dense_inter_dim >= 1, f"dense_inter_dim must be >= 1, got {self.dense_inter_dim}")
+
+    def _check_moe(self):
+        _need(self.n_routed_experts >= 1, f"n_routed_experts must be >= 1, got {self.n_routed_experts}")
+        _need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        _need(self.moe_inter_dim >= 1, f"moe_inter_dim must be >= 1, got {self.moe_inter_dim}")
+        _need(1 <= self.n_activated_experts <= self.n_routed_experts,
+              f"n_activated_experts (top-k) must be in [1, n_routed_experts={self.n_routed_experts}], "
+              f"got {self.n_activated_experts}")
+        _need(self.n_expert_groups >= 1 and self.n_routed_experts % self.n_expert_groups == 0,
+              f"n_expert_groups ({self.n_expert_groups}) must divide n_routed_experts ({self.n_routed_experts})")
+        _need(1 <= self.n_limited_groups <= self.n_expert_groups,
+              f"n_limited_groups must be in [1, n_expert_groups={self.n_expert_groups}], got {self.n_limited_groups}")
+        per_group = self.n_routed_experts // self.n_expert_groups
+        _need(self.n_limited_groups * per_group >= self.n_activated_experts,
+              f"n_limited_groups * experts per group ({self.n_limited_groups * per_group}) must be >= "
+              f"n_activated_experts ({self.n_activated_experts})")
+        _need(self.score_func in ("softmax", "sigmoid"),
+              f"score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
+        _need(self.group_score in ("top2", "max"), f"group_score must be 'top2' or 'max', got {self.group_score!r}")
+        _need(self.route_scale > 0, f"route_scale must be > 0, got {self.route_scale}")
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_speed"):
+            _need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def _check_positions(self):  # and the norms, the init and multi-token prediction
+        _need(self.n_mtp_layers >= 0, f"n_mtp_layers must be >= 0, got {self.n_mtp_layers}")
+        _need(self.mtp_loss_weight >= 0, f"mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}")
+        _need(self.rope_theta > 0 and self.norm_eps > 0 and self.init_std > 0,
+              "rope_theta, norm_eps and init_std must be > 0")
+        _need(self.latent_norm_eps is None or self.latent_norm_eps > 0,
+              f"latent_norm_eps must be None or > 0, got {self.latent_norm_eps}")
+        _need(self.yarn_factor >= 1, f"yarn_factor must be >= 1 (1 = plain RoPE), got {self.yarn_factor}")
         if self.yarn_factor > 1:
-            need(self.yarn_original_max_seq_len >= 1,
-                 f"yarn_original_max_seq_len must be >= 1, got {self.yarn_original_max_seq_len}")
-            need(self.yarn_beta_fast > 0 and self.yarn_beta_slow > 0, "yarn_beta_fast and yarn_beta_slow must be > 0")
+            _need(self.yarn_original_max_seq_len >= 1,
+                  f"yarn_original_max_seq_len must be >= 1, got {self.yarn_original_max_seq_len}")
+            _need(self.yarn_beta_fast > 0 and self.yarn_beta_slow > 0, "yarn_beta_fast and yarn_beta_slow must be > 0")
 
     # --- derived values ---
     @property

@@ -14,32 +14,18 @@ GQA + MoE; YaRN with GQA; and with softmax scoring: norm_topk_prob=True, group-l
 ranked by their top two (group_score="top2"; sigmoid scoring: "max"), a router bias that differs between
 experts. Training-only settings (aux/z-loss coefficients, bias_update_speed) do not matter.
 
-Weight rewrites (all exact):
-  RoPE layout  -- we rotate the first half of the rope dims against the second half; DeepSeek's
-                  checkpoints (and both transformers classes, V2 always, V3 with rope_interleave=True) pair
-                  adjacent dims. Permuting the rope rows of q and k_pe to [0, d/2, 1, d/2+1, ...] makes the
-                  pairs line up; the attention score is a dot product, so the order it sees does not matter.
-  latent norms -- transformers builds kv_a_layernorm / q_a_layernorm with a fixed eps of 1e-6, we use
-                  norm_eps (or latent_norm_eps). RMSNorm(s x; eps') = RMSNorm(x; eps'/s^2), so scaling the rows
-                  that produce c_kv (and c_q) by s = sqrt(1e-6 / norm_eps) gives our eps. fl(x s) loses bits, so
-                  those tensors are written one precision wider (fp32 -> fp64), and config.json carries our own
-                  config (`dsv3_config`, also the training-only fields): `dsv3.from_hf` undoes the rescale exactly.
-  experts      -- our stacked w1/w3 (N, dim, inter), w2 (N, inter, dim) become the per-expert
-                  gate_proj/up_proj/down_proj matrices of DeepSeek's own checkpoints (transformers fuses them
-                  on load; other serving stacks read the same names).
-  MTP layers   -- depth k is written as DeepSeek-V3 writes its MTP layer, model.layers.{n_layers + k - 1}: enorm,
-                  hnorm, eh_proj, shared_head.norm and the block's usual names (the embedding and head are the
-                  main model's, not repeated), with num_nextn_predict_layers in config.json. transformers'
-                  DeepseekV3 drafts with it in generate(..., use_mtp=True); DeepseekV2 (softmax routing) loads the
-                  main model and leaves the MTP layer unread.
+Weight names and their exact rewrites (RoPE layout, latent-norm rescale written one precision wider, per-expert
+matrices, MTP layers as model.layers.{n_layers + k - 1}) are `dsv3/names.py`, the one map import and export share;
+config.json carries our own config (`dsv3_config`, also the training-only fields), so that `dsv3.from_hf` undoes
+the latent rescale exactly. transformers' DeepseekV3 drafts with the MTP layers in generate(..., use_mtp=True);
+DeepseekV2 (softmax routing) loads the main model and leaves them unread.
 Deliberately not here: tokenizer files (we use tiktoken's r50k_base; point users at the GPT-2 tokenizer),
-dtype conversion (tensors keep the model's dtype, but for the
-rescaled latent rows). Importing is `dsv3/hf.py`. `transformers` is optional: imported only inside functions.
+dtype conversion (tensors keep the model's dtype, but for the rescaled latent rows). Importing is `dsv3/hf.py`.
+`transformers` is optional: imported only inside functions.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -47,11 +33,9 @@ import torch
 
 from .config import ModelConfig
 from .model import DeepSeekV3
-from .moe import MoE
+from .names import hf_weights, latent_scale
 
 EOT = 50256  # <|endoftext|> of r50k_base: bos and eos of the exported model
-HF_LATENT_NORM_EPS = 1e-6  # eps transformers gives DeepseekV2/V3's kv_a_layernorm and q_a_layernorm
-WIDER = {torch.float32: torch.float64, torch.bfloat16: torch.float32, torch.float16: torch.float32}
 
 
 def _require_transformers():
@@ -159,76 +143,13 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
             "beta_slow": cfg.yarn_beta_slow, "mscale": cfg.yarn_mscale, "mscale_all_dim": cfg.yarn_mscale_all_dim}
 
 
-def _rope_perm(d: int) -> torch.Tensor:
-    """Row order that turns our half-split rope dims into adjacent pairs: [0, d/2, 1, d/2 + 1, ...]."""
-    return torch.arange(d).view(2, d // 2).t().reshape(-1)
-
-
 def hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
-    """Our weights under transformers' names, with the exact rewrites listed in the module docstring."""
+    """Our weights under transformers' names, rewritten as `dsv3.names` says for the class we export to."""
     cfg = model.cfg
-    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
-    if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = model.head.weight
-    if cfg.attn == "mla":
-        perm = _rope_perm(cfg.qk_rope_head_dim)
-        s = math.sqrt(HF_LATENT_NORM_EPS / (cfg.latent_norm_eps or cfg.norm_eps))
-
-        def wide(w):  # rescaled rows are written one precision wider, so that from_hf undoes the rescale exactly
-            return w if s == 1 else w.to(WIDER.get(w.dtype, w.dtype))
-
-        def q_rows(w):  # (H * (nope + rope), in): permute each head's rope rows
-            w = w.view(cfg.n_heads, cfg.qk_head_dim, -1)
-            return torch.cat([w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:][:, perm]], 1).flatten(0, 1)
-
-    blocks = [(f"model.layers.{i}.", block) for i, block in enumerate(model.layers)]
-    for k, layer in enumerate(model.mtp or []):  # DeepSeek-V3's MTP layer: model.layers.{n_layers + k}
-        p = f"model.layers.{cfg.n_layers + k}."
-        sd[p + "enorm.weight"], sd[p + "hnorm.weight"] = layer.enorm.weight, layer.hnorm.weight
-        sd[p + "eh_proj.weight"], sd[p + "shared_head.norm.weight"] = layer.eh_proj.weight, layer.norm.weight
-        blocks.append((p, layer.block))
-    for p, block in blocks:
-        a, f = block.attn, block.ffn
-        sd[p + "input_layernorm.weight"] = block.attn_norm.weight
-        sd[p + "post_attention_layernorm.weight"] = block.ffn_norm.weight
-        if cfg.attn == "gqa":
-            for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
-                sd[p + f"self_attn.{theirs}.weight"] = getattr(a, ours).weight
-        else:
-            if cfg.q_lora_rank == 0:
-                sd[p + "self_attn.q_proj.weight"] = q_rows(a.wq.weight)
-            else:
-                sd[p + "self_attn.q_a_proj.weight"] = wide(a.wq_a.weight) * s
-                sd[p + "self_attn.q_a_layernorm.weight"] = a.q_norm.weight
-                sd[p + "self_attn.q_b_proj.weight"] = q_rows(a.wq_b.weight)
-            c_kv, k_pe = a.wkv_a.weight.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim])
-            sd[p + "self_attn.kv_a_proj_with_mqa.weight"] = torch.cat([wide(c_kv) * s, wide(k_pe[perm])])
-            sd[p + "self_attn.kv_a_layernorm.weight"] = a.kv_norm.weight
-            sd[p + "self_attn.kv_b_proj.weight"] = a.wkv_b.weight
-            sd[p + "self_attn.o_proj.weight"] = a.wo.weight
-        mlp = p + "mlp."
-        if not isinstance(f, MoE):
-            sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"] = f.w1.weight, f.w3.weight
-            sd[mlp + "down_proj.weight"] = f.w2.weight
-            continue
-        sd[mlp + "gate.weight"] = f.gate.weight
-        if hf_architecture(cfg) == "DeepseekV3ForCausalLM":
-            sd[mlp + "gate.e_score_correction_bias"] = f.gate.bias.float()
-        e = f.experts
-        for j in range(cfg.n_routed_experts):  # nn.Linear stores (out, in): transpose our (in, out) stacks
-            sd[mlp + f"experts.{j}.gate_proj.weight"] = e.w1[j].t()
-            sd[mlp + f"experts.{j}.up_proj.weight"] = e.w3[j].t()
-            sd[mlp + f"experts.{j}.down_proj.weight"] = e.w2[j].t()
-        sh = f.shared_experts
-        if sh is None:  # transformers always builds the shared MLP; width 0 makes it output zeros
-            sd[mlp + "shared_experts.gate_proj.weight"] = e.w1.new_zeros(0, cfg.dim)
-            sd[mlp + "shared_experts.up_proj.weight"] = e.w1.new_zeros(0, cfg.dim)
-            sd[mlp + "shared_experts.down_proj.weight"] = e.w1.new_zeros(cfg.dim, 0)
-        else:
-            sd[mlp + "shared_experts.gate_proj.weight"] = sh.w1.weight
-            sd[mlp + "shared_experts.up_proj.weight"] = sh.w3.weight
-            sd[mlp + "shared_experts.down_proj.weight"] = sh.w2.weight
-    return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+    weights = hf_weights(model, rope_pairs=True, latent_scale=latent_scale(cfg) if cfg.attn == "mla" else 1.0,
+                         router_bias=hf_architecture(cfg) == "DeepseekV3ForCausalLM")
+    return {k: (w.to_hf(w.ours) if w.to_hf else w.ours).detach().cpu().contiguous().clone()
+            for k, w in weights.items()}
 
 
 def export_hf(model: DeepSeekV3, out_dir: str | Path) -> Path:

@@ -1,11 +1,8 @@
 """Import from Hugging Face transformers: `from_hf(path)` reads a DeepSeek-V2 / DeepSeek-V3 model folder (or a Llama
 one, the dense GQA baseline) into a `DeepSeekV3`; `hf_model_config(path)` maps its config.json alone (what
-`python -m dsv3 info --hf PATH` prints). The inverse of `export_hf`, whose weight rewrites it undoes:
+`python -m dsv3 info --hf PATH` prints). The inverse of `export_hf`: the tensor names and the rewrites they undo
+(RoPE layout, per-expert matrices, the latent rescale) are `dsv3/names.py`, the one map both use. Besides:
 
-  RoPE layout  -- DeepSeek's checkpoints pair adjacent rope dims (V2 always, V3 with rope_interleave=True); we rotate
-                  the first half against the second, so the rope rows of q and k_pe are permuted back.
-  experts      -- per-expert gate_proj/up_proj/down_proj matrices are stacked into our (N, dim, inter) w1/w3 and
-                  (N, inter, dim) w2, each copied straight into its slice.
   FP8          -- float8_e4m3fn weights with one `weight_scale_inv` per block (quantization_config.weight_block_size,
                   DeepSeek-V3's 128 x 128) are dequantised, w * scale in fp32, then cast to the requested dtype.
   latent norms -- transformers (like DeepSeek's own code) gives kv_a_layernorm / q_a_layernorm eps 1e-6 whatever
@@ -24,7 +21,6 @@ The folder's tokenizer.json (the `tokenizers` package) becomes `model.tokenizer`
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 from contextlib import ExitStack
@@ -33,10 +29,9 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .export_hf import HF_LATENT_NORM_EPS, _rope_perm
 from .layers import yarn_mscale
 from .model import DeepSeekV3, rope_tables
-from .moe import MoE
+from .names import HF_LATENT_NORM_EPS, hf_weights, latent_scale
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "llama")
 # config.json fields that do not change the forward pass: bookkeeping, training-only, serving hints, token ids,
@@ -222,7 +217,7 @@ class HFConfig:
             raise ValueError(f"{self.path / 'config.json'}: dsv3_config disagrees with the transformers fields on "
                              f"{', '.join(diff)} (edited after export? remove dsv3_config to import the fields)")
         if ours.attn == "mla":
-            self.latent_scale = math.sqrt(HF_LATENT_NORM_EPS / (ours.latent_norm_eps or ours.norm_eps))
+            self.latent_scale = latent_scale(ours)
         return ours
 
 
@@ -261,78 +256,10 @@ def hf_model_config(path: str | Path) -> ModelConfig:
 
 # --- weights ---
 
-def _weight_plan(model: DeepSeekV3, hc: HFConfig) -> dict[str, tuple]:
-    """transformers name -> (our tensor or a view of it, its shape in the file, the rewrite from file to ours)."""
-    cfg = model.cfg
-    plan = {"model.embed_tokens.weight": (model.embed.weight, None), "model.norm.weight": (model.norm.weight, None)}
-    if not cfg.tie_embeddings:
-        plan["lm_head.weight"] = (model.head.weight, None)
-    if cfg.attn == "mla":
-        r, nope, H = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.n_heads
-        back = torch.argsort(_rope_perm(r)) if hc.interleaved else torch.arange(r)  # adjacent pairs -> half split
-        s = hc.latent_scale
-
-        def q_rows(w):  # each head's rope rows back to our order
-            w = w.view(H, nope + r, -1)
-            return torch.cat([w[:, :nope], w[:, nope:][:, back]], 1).flatten(0, 1)
-
-        def unscale(w):  # export_hf's eps rescale, undone in fp64 (exact when written one precision wider)
-            return w if s == 1 else w.double() / s
-
-        def kv_a(w):  # rows [c_kv; k_pe]
-            c_kv, k_pe = unscale(w[: cfg.kv_lora_rank]), w[cfg.kv_lora_rank:][back]
-            return torch.cat([c_kv, k_pe.to(c_kv.dtype)])
-
-    def t(w):
-        return w.t()
-
-    blocks = [(f"model.layers.{i}.", block) for i, block in enumerate(model.layers)]
-    for k, layer in enumerate(model.mtp or []):  # DeepSeek-V3's MTP layers: model.layers.{n_layers + k}
-        p = f"model.layers.{cfg.n_layers + k}."
-        for ours, theirs in ((layer.enorm, "enorm"), (layer.hnorm, "hnorm"), (layer.eh_proj, "eh_proj"),
-                             (layer.norm, "shared_head.norm")):
-            plan[p + theirs + ".weight"] = (ours.weight, None)
-        blocks.append((p, layer.block))
-    for p, block in blocks:
-        a, f = block.attn, block.ffn
-        plan[p + "input_layernorm.weight"] = (block.attn_norm.weight, None)
-        plan[p + "post_attention_layernorm.weight"] = (block.ffn_norm.weight, None)
-        if cfg.attn == "gqa":
-            for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
-                plan[p + f"self_attn.{theirs}.weight"] = (getattr(a, ours).weight, None)
-        else:
-            if cfg.q_lora_rank == 0:
-                plan[p + "self_attn.q_proj.weight"] = (a.wq.weight, q_rows)
-            else:
-                plan[p + "self_attn.q_a_proj.weight"] = (a.wq_a.weight, unscale)
-                plan[p + "self_attn.q_a_layernorm.weight"] = (a.q_norm.weight, None)
-                plan[p + "self_attn.q_b_proj.weight"] = (a.wq_b.weight, q_rows)
-            plan[p + "self_attn.kv_a_proj_with_mqa.weight"] = (a.wkv_a.weight, kv_a)
-            plan[p + "self_attn.kv_a_layernorm.weight"] = (a.kv_norm.weight, None)
-            plan[p + "self_attn.kv_b_proj.weight"] = (a.wkv_b.weight, None)
-            plan[p + "self_attn.o_proj.weight"] = (a.wo.weight, None)
-        mlp = p + "mlp."
-        if not isinstance(f, MoE):
-            plan[mlp + "gate_proj.weight"], plan[mlp + "up_proj.weight"] = (f.w1.weight, None), (f.w3.weight, None)
-            plan[mlp + "down_proj.weight"] = (f.w2.weight, None)
-            continue
-        plan[mlp + "gate.weight"] = (f.gate.weight, None)
-        if hc.model_type == "deepseek_v3":
-            plan[mlp + "gate.e_score_correction_bias"] = (f.gate.bias, None)
-        e = f.experts
-        for j in range(cfg.n_routed_experts):  # nn.Linear's (out, in) -> our stacked (in, out)
-            plan[mlp + f"experts.{j}.gate_proj.weight"] = (e.w1[j], t)
-            plan[mlp + f"experts.{j}.up_proj.weight"] = (e.w3[j], t)
-            plan[mlp + f"experts.{j}.down_proj.weight"] = (e.w2[j], t)
-        sh = f.shared_experts
-        if sh is not None:
-            plan[mlp + "shared_experts.gate_proj.weight"] = (sh.w1.weight, None)
-            plan[mlp + "shared_experts.up_proj.weight"] = (sh.w3.weight, None)
-            plan[mlp + "shared_experts.down_proj.weight"] = (sh.w2.weight, None)
-        else:  # transformers writes the shared MLP even at width 0
-            for k, shape in (("gate_proj", (0, cfg.dim)), ("up_proj", (0, cfg.dim)), ("down_proj", (cfg.dim, 0))):
-                plan[mlp + f"shared_experts.{k}.weight"] = (torch.empty(shape, device="meta"), None)
-    return {k: (dst, fn, tuple(dst.shape) if fn is not t else tuple(dst.shape)[::-1]) for k, (dst, fn) in plan.items()}
+def _weights(model: DeepSeekV3, hc: HFConfig) -> dict:
+    """transformers name -> `dsv3.names.Weight` (our tensor, its shape in the file, the rewrite back to ours)."""
+    return hf_weights(model, rope_pairs=hc.interleaved, latent_scale=hc.latent_scale,
+                      router_bias=hc.model_type == "deepseek_v3")
 
 
 def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -377,6 +304,95 @@ def load_mtp(model: DeepSeekV3, names: list[str], read) -> None:
                       f"them): {', '.join(kinds)}", stacklevel=3)
 
 
+class _Shards:
+    """The open safetensors files of a folder: which file holds each tensor, and each tensor read dequantised."""
+
+    def __init__(self, path: Path, stack: ExitStack, fp8_block: tuple[int, int] | None):
+        from safetensors import safe_open
+
+        self.path, self.fp8_block, self.files = path, fp8_block, _shard_files(path)
+        self.handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in self.files}
+        self.where = {name: f for f, h in self.handles.items() for name in h.keys()}
+
+    def info(self, name: str):
+        return self.handles[self.where[name]].get_slice(name)
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        return self.handles[self.where[name]].get_tensor(name)
+
+    def read(self, name: str) -> torch.Tensor:  # dequantised (`check` holds for MTP tensors too)
+        w, scale = self._tensor(name), name + "_scale_inv"
+        if scale in self.where and self.fp8_block is not None and w.dtype == torch.float8_e4m3fn:
+            w = dequantize_fp8(w, self._tensor(scale), self.fp8_block)
+        elif w.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"{self.path}: {name} is {w.dtype}, which dsv3 does not load")
+        return w
+
+    def check(self, plan: dict, mtp: list[str]) -> None:
+        """Every tensor explained by the plan, the MTP layers or an FP8 scale; every planned one there, in its
+        shape; FP8 weights exactly those with a scale and an fp8 quantization_config."""
+        where, path = self.where, self.path
+        scales = {n for n in where if n.endswith(".weight_scale_inv")}
+        unknown = sorted(set(where) - plan.keys() - set(mtp) - scales)
+        missing = sorted(plan.keys() - set(where))
+        if unknown or missing:
+            raise ValueError(f"{path}: the weights do not match config.json: " + "; ".join(
+                f"{what} {len(ns)} tensor(s): {', '.join(ns[:8])}{' ...' if len(ns) > 8 else ''}"
+                for what, ns in (("unknown", unknown), ("missing", missing)) if ns))
+        for name, w in plan.items():
+            info = self.info(name)
+            got = tuple(info.get_shape())
+            if got != w.shape:
+                raise ValueError(f"{path}: {name} has shape {list(got)}, config.json implies {list(w.shape)}")
+            kind = info.get_dtype()
+            fp8 = kind.startswith("F8")
+            if fp8 != (name + "_scale_inv" in where) or fp8 and (self.fp8_block is None or kind != "F8_E4M3"):
+                raise ValueError(f"{path}: {name} is {kind}: only float8_e4m3fn weights have a "
+                                 "weight_scale_inv, and they need both it and an fp8 quantization_config")
+        orphans = sorted(s for s in scales if s.removesuffix("_scale_inv") not in where)
+        if orphans:
+            raise ValueError(f"{path}: unknown tensor(s) {', '.join(orphans[:8])} (a scale without its weight)")
+
+
+def _dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        dtype = _DTYPES[dtype]
+    dtype = dtype or default
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype}")
+    return dtype
+
+
+def _materialize(model: DeepSeekV3, dtype: torch.dtype, device: torch.device) -> DeepSeekV3:
+    """The meta-device model given real (uninitialised) memory, every tensor then overwritten by `_copy_weights`."""
+    cfg = model.cfg
+    model = model.to(dtype).to_empty(device=device)
+    if cfg.tie_embeddings:  # to_empty gave the head a tensor of its own
+        model.head.weight = model.embed.weight
+    with torch.no_grad():
+        for m in model.moe_layers(mtp=True):  # fp32 like transformers' e_score_correction_bias
+            m.gate.bias = torch.zeros(cfg.n_routed_experts, device=device)
+            m.gate.step_load.zero_()
+            m.last_load.zero_()
+        cos, sin = rope_tables(cfg)
+        model.rope_cos.copy_(cos)
+        model.rope_sin.copy_(sin)
+    return model
+
+
+@torch.no_grad()
+def _copy_weights(plan: dict, shards: _Shards, device: torch.device) -> None:
+    for f in shards.files:  # shard by shard, one tensor at a time: never two copies of the weights
+        for name in shards.handles[f].keys():
+            if name in plan:
+                w = plan[name]
+                x = shards.read(name)
+                if w.ours.numel():
+                    w.ours.copy_((w.from_hf(x) if w.from_hf is not None else x).to(device))
+
+
 def from_hf(path: str | Path, *, dtype: torch.dtype | str | None = None,
             device: torch.device | str | None = None) -> DeepSeekV3:
     """A DeepSeekV3 holding the weights of a transformers model folder (config.json, then model.safetensors or
@@ -388,80 +404,24 @@ def from_hf(path: str | Path, *, dtype: torch.dtype | str | None = None,
     dsv3.generate_tokens), unless the folder is a dsv3 export with the GPT-2 vocabulary (then tiktoken's, as usual).
     Raises ValueError naming every unsupported config field, unknown tensor, missing tensor or wrong shape.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     hc = HFConfig(path)
-    cfg = hc.cfg
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-        dtype = _DTYPES[dtype]
-    dtype = dtype or hc.dtype
-    if dtype not in _DTYPES.values():
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype}")
-    device = torch.device(device or "cpu")
-    files = _shard_files(path)
+    cfg, dtype, device = hc.cfg, _dtype(dtype, hc.dtype), torch.device(device or "cpu")
     with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
-        where = {name: f for f, h in handles.items() for name in h.keys()}
+        shards = _Shards(path, stack, hc.fp8_block)
         # DeepSeek's MTP layers (an MLA + MoE block each) load into dsv3's MTP modules when the files hold them
         if hc.n_mtp and cfg.attn == "mla" and cfg.has_moe and any(
-                n.startswith(f"model.layers.{cfg.n_layers}.") for n in where):
+                n.startswith(f"model.layers.{cfg.n_layers}.") for n in shards.where):
             cfg = cfg.replace(n_mtp_layers=hc.n_mtp)
         with torch.device("meta"):
             model = DeepSeekV3(cfg)
-        plan = _weight_plan(model, hc)
-        mtp = [n for n in where if (m := _MTP.match(n)) and cfg.n_layers <= int(m.group(1)) < cfg.n_layers + hc.n_mtp
-               and n not in plan]
-        scales = {n for n in where if n.endswith(".weight_scale_inv")}
-        unknown = sorted(set(where) - plan.keys() - set(mtp) - scales)
-        missing = sorted(plan.keys() - set(where))
-        if unknown or missing:
-            raise ValueError(f"{path}: the weights do not match config.json: " + "; ".join(
-                f"{what} {len(ns)} tensor(s): {', '.join(ns[:8])}{' ...' if len(ns) > 8 else ''}"
-                for what, ns in (("unknown", unknown), ("missing", missing)) if ns))
-        for name, (_, _, shape) in plan.items():
-            info = handles[where[name]].get_slice(name)
-            got = tuple(info.get_shape())
-            if got != shape:
-                raise ValueError(f"{path}: {name} has shape {list(got)}, config.json implies {list(shape)}")
-            fp8 = info.get_dtype().startswith("F8")
-            if fp8 != (name + "_scale_inv" in where) or fp8 and (hc.fp8_block is None or info.get_dtype() != "F8_E4M3"):
-                raise ValueError(f"{path}: {name} is {info.get_dtype()}: only float8_e4m3fn weights have a "
-                                 "weight_scale_inv, and they need both it and an fp8 quantization_config")
-        orphans = sorted(s for s in scales if s.removesuffix("_scale_inv") not in where)
-        if orphans:
-            raise ValueError(f"{path}: unknown tensor(s) {', '.join(orphans[:8])} (a scale without its weight)")
-
-        def read(name: str) -> torch.Tensor:  # dequantised (the checks above hold for MTP tensors too)
-            w = handles[where[name]].get_tensor(name)
-            if name + "_scale_inv" in where and hc.fp8_block is not None and w.dtype == torch.float8_e4m3fn:
-                w = dequantize_fp8(w, handles[where[name + "_scale_inv"]].get_tensor(name + "_scale_inv"), hc.fp8_block)
-            elif w.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-                raise ValueError(f"{path}: {name} is {w.dtype}, which dsv3 does not load")
-            return w
-
-        model = model.to(dtype).to_empty(device=device)
-        if cfg.tie_embeddings:  # to_empty gave the head a tensor of its own
-            model.head.weight = model.embed.weight
-        with torch.no_grad():
-            for m in model.moe_layers(mtp=True):  # fp32 like transformers' e_score_correction_bias
-                m.gate.bias = torch.zeros(cfg.n_routed_experts, device=device)
-                m.gate.step_load.zero_()
-                m.last_load.zero_()
-            plan = _weight_plan(model, hc)  # the same plan over the real tensors
-            for f in files:  # shard by shard, one tensor at a time
-                for name in handles[f].keys():
-                    if name in plan:
-                        dst, fn, _ = plan[name]
-                        w = read(name)
-                        if dst.numel():
-                            dst.copy_((fn(w) if fn is not None else w).to(device))
-            cos, sin = rope_tables(cfg)
-            model.rope_cos.copy_(cos)
-            model.rope_sin.copy_(sin)
-        load_mtp(model, mtp, read)
+        plan = _weights(model, hc)
+        mtp = [n for n in shards.where if (m := _MTP.match(n)) and cfg.n_layers <= int(m.group(1)) <
+               cfg.n_layers + hc.n_mtp and n not in plan]
+        shards.check(plan, mtp)
+        model = _materialize(model, dtype, device)
+        _copy_weights(_weights(model, hc), shards, device)  # the same plan over the real tensors
+        load_mtp(model, mtp, shards.read)
     model.eval()
     model.tokenizer = _tokenizer(path, hc)
     if model.tokenizer is None and hc.provenance and cfg.vocab_size == 50257:

@@ -1,5 +1,5 @@
-"""The benchmark's own arithmetic and plumbing on tiny shapes: FLOP formulas, interleaving, the
-dispatch section, the decode modes, the HF twin, result fields and the CLI. No timing assertions."""
+"""The benchmark harness (benchmarks/bench.py) on tiny shapes: FLOP formulas, interleaving, the dispatch section,
+the decode modes, the HF twin, result fields and the CLI, also where no harness is installed. No timing assertions."""
 
 import json
 
@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import dsv3
-from dsv3 import bench
-from dsv3.__main__ import main
+import dsv3.__main__ as cli
+from dsv3.__main__ import bench_harness, main
+
+bench = bench_harness()
 
 
 def test_flop_formulas_by_hand():
@@ -86,3 +88,11 @@ def test_cli_table_json_and_bad_sections(capsys, tmp_path):
     assert "unknown preset" in capsys.readouterr().err
     res = {"machine": bench.machine(), "dispatch": bench.bench_dispatch(reps=1, tokens=16), "wall_s": 1.0}
     assert "MoE dispatch" in bench.table(res) and json.loads(json.dumps(res))["machine"]["torch"] == torch.__version__
+
+
+def test_without_the_harness_bench_answers_one_line(monkeypatch, capsys):
+    """An installed wheel has no benchmarks/: `python -m dsv3 bench` with any flags says so in one line."""
+    monkeypatch.setattr(cli, "bench_harness", lambda: None)
+    assert main(["bench", "--quick", "--presets", "tiny", "-h"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "benchmarks/bench.py" in err and "pip install -e ." in err

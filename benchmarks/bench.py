@@ -20,6 +20,8 @@ Benchmarks use score_func="sigmoid" (DeepSeek-V3's router) so the transformers t
 its weights come from `dsv3.export_hf` (same numbers, so both models do the same work).
 Deliberately not here: the training loop, sampling strategies, plotting styles beyond one figure.
 `transformers` is optional: without it the HF columns are skipped.
+Lab code, not the package: `python -m dsv3 bench` loads this file from the source checkout (`pip install -e .`);
+the scripts beside it import `interleaved` from it (`from bench import interleaved`).
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from . import kernels
-from .config import ModelConfig
-from .model import DeepSeekV3, count_params
-from .moe import MoE
+from dsv3 import kernels
+from dsv3.config import ModelConfig
+from dsv3.model import DeepSeekV3, count_params
+from dsv3.moe import MoE
 
+HERE = os.path.dirname(os.path.abspath(__file__))  # benchmarks/: the memory section's subprocesses import from it
 H200_BF16_PEAK = 790e12  # dense bf16 FLOP/s the issue measures GPU MFU against
 TRAIN_SHAPES = {"tiny": (4, 256), "174m": (2, 256)}  # batch x seq for a 2-core CPU
 PROBE_N = 2048  # the square GEMM timed between training steps (CPU): the peak is the faster of it and `matmul`
@@ -178,7 +181,7 @@ def build_pair(preset: str, hf: bool, device: str = "cpu"):
         return ours, None
     import transformers  # run() has already turned hf off where transformers is missing
 
-    from .export_hf import export_hf
+    from dsv3.export_hf import export_hf
     try:
         with tempfile.TemporaryDirectory() as d:
             export_hf(ours, d)
@@ -438,8 +441,8 @@ def _memory_child(preset: str, precision: str, impl: str, steps: int = 2) -> Non
 def bench_memory(variants) -> dict:
     out = {}
     for preset, prec, impl in variants:
-        code = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
-                f"from dsv3.bench import _memory_child; _memory_child({preset!r}, {prec!r}, {impl!r})")
+        code = (f"import sys, torch; torch.set_num_threads({torch.get_num_threads()}); sys.path.insert(0, {HERE!r}); "
+                f"from bench import _memory_child; _memory_child({preset!r}, {prec!r}, {impl!r})")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
         key = f"{impl}/{preset}/{prec}"
         try:
@@ -608,7 +611,7 @@ def cmd_bench(args) -> int:
     if args.threads is not None:
         if not 1 <= args.threads <= (os.cpu_count() or 1):
             raise ValueError(f"--threads must be in [1, {os.cpu_count()}], got {args.threads}")
-        from .threads import fix
+        from dsv3.threads import fix
 
         fix(args.threads)  # the user's choice: the generation loop's thread governor stays off
     if args.device == "cuda" and not torch.cuda.is_available():
