@@ -1,7 +1,7 @@
 """Checkpoints: one folder per saved step inside a run folder, written atomically.
 
     <run>/step_000200/model.safetensors   weights (tied embedding/head stored once; router biases included)
-                      state.pt            optimizer state and torch RNG state (tensors only)
+                      state.pt            optimizer state, torch RNG state, fp16 loss scaler (tensors and numbers)
                       meta.json           format tag, step, model config, tokenizer, train config,
                                           sampler state, python RNG state, metrics so far
     <run>/best/                           the same three files, for the step with the lowest validation loss
@@ -114,7 +114,7 @@ def clean_leftovers(run_dir: str | os.PathLike) -> None:
             remove_checkpoint(p)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekV3, *, step: int, optimizer=None,
+def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekV3, *, step: int, optimizer=None, scaler=None,
                     meta: dict | None = None, keep: int = 3, best: bool = False) -> Path:
     """Write <run_dir>/step_<step> atomically and delete all but the newest `keep` checkpoints.
 
@@ -132,6 +132,8 @@ def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekV3, *, step: int,
         state = {"rng_torch": torch.get_rng_state()}
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
+        if scaler is not None and scaler.is_enabled():  # fp16 loss scaling: the scale and its growth counter
+            state["scaler"] = scaler.state_dict()
         torch.save(state, tmp / "state.pt")
         info = {"format": FORMAT, "step": step, "config": model.cfg.to_dict(),
                 "python_rng": _python_rng_to_json(random.getstate()), **(meta or {})}

@@ -1,10 +1,11 @@
 """Training: `TrainConfig`, `train()` (phase 1, and phase 2 by resuming), `History`, `evaluate()`.
 
 One loop for the notebooks and the CLI. Per optimizer step: sample a global batch (`data.BatchSampler`),
-run it as `grad_accum` micro-batches (micro-batch i = rows i::grad_accum) under autocast (bf16 on CUDA;
-on CPU only when asked and the CPU has native bf16 matmul), loss = CE + aux + z (+ the multi-token prediction
-term `mtp` when the model has MTP modules; coefficients from the model config), clip the gradient norm, AdamW
-with weight-decay groups (no decay on norms), then the aux-loss-free router bias update.
+run it as `grad_accum` micro-batches (micro-batch i = rows i::grad_accum) under autocast (devices.py: bf16 where
+the GPU has it, fp16 with a loss scaler on older CUDA GPUs, fp32 on the CPU unless asked), loss = CE + aux + z
+(+ the multi-token prediction term `mtp` when the model has MTP modules; coefficients from the model config),
+clip the gradient norm, AdamW with weight-decay groups (no decay on norms), then the aux-loss-free router bias
+update. Under fp16 a step whose gradients overflowed is skipped (the scaler lowers its scale; the count is logged).
 The learning rate is a function of the global step (linear warmup, cosine to min_lr at decay_steps,
 then flat), so phase 2 continues exactly where phase 1 left it. Every step appends a JSON line to
 <out>/metrics.jsonl; validation runs every eval_interval steps on the held-out split, and whenever its loss is
@@ -52,6 +53,7 @@ from .checkpoint import (
 )
 from .config import PRESETS, ModelConfig, SettingError
 from .data import TOKENIZER_NAME, BatchSampler, load_tokens, split_tokens, val_batches
+from .devices import DTYPES, autocast_dtype, describe, precision_name, resolve_device
 from .distributed import DataParallel, world_size_from_env
 from .model import DeepSeekV3
 from .threads import governor as thread_governor
@@ -90,13 +92,14 @@ class TrainConfig:
     save_interval: int | None = None  # save every this many steps (and at the end); None/0 = end only
     keep: int = 3  # checkpoints kept in the run folder (besides best/, the lowest validation loss)
     early_stop: int = 0  # stop after this many validations without a new best (0 = never)
-    dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
+    dtype: str = "auto"  # "auto" (devices.autocast_dtype: bf16, fp16 + loss scaling on older GPUs, fp32 on CPU),
+    # "fp32", "bf16" or "fp16"
     compile: bool = False  # torch.compile the model for training
     threads: int | None = None  # CPU threads for this run (None = torch's default); 1 wins on a busy machine
     seed: int = 0  # model init and data order
     corpus: str | None = None  # text file; None = $DSV3_CORPUS, else Tiny Shakespeare
     val_fraction: float = 0.1  # the last 10% of tokens is held out
-    device: str = "auto"  # "auto", "cpu", "cuda", ...
+    device: str = "auto"  # "auto" (CUDA, then MPS, then the CPU: devices.resolve_device), "cpu", "cuda", "mps", ...
     out: str | None = None  # run folder; None = checkpoints/<preset> (resume: the resumed run's folder)
     overwrite: bool = False  # phase 1 into a folder that holds checkpoints: delete them first
     progress: bool = True  # tqdm progress bar
@@ -130,7 +133,7 @@ class TrainConfig:
              f"eval_batches must be >= 1 or None, got {self.eval_batches}")
         need(self.save_interval is None or self.save_interval >= 0,
              f"save_interval must be >= 0, got {self.save_interval}")
-        need(self.dtype in ("auto", "fp32", "bf16"), f"dtype must be 'auto', 'fp32' or 'bf16', got {self.dtype!r}")
+        need(self.dtype in DTYPES, f"dtype must be one of {', '.join(map(repr, DTYPES))}, got {self.dtype!r}")
         need(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         need(self.time_limit is None or self.time_limit > 0, f"time_limit must be > 0 seconds, got {self.time_limit}")
         need(self.threads is None or self.threads >= 1, f"threads must be >= 1 or None, got {self.threads}")
@@ -180,6 +183,11 @@ class History:
     def best_val_loss(self) -> float | None:
         return self.best["val_loss"] if self.best else None
 
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped because fp16 gradients overflowed (0 without fp16 loss scaling)."""
+        return self.train[-1].get("skipped_steps", 0) if self.train else 0
+
     def column(self, key: str, kind: str = "train") -> list:
         return [r[key] for r in getattr(self, kind)]
 
@@ -214,34 +222,6 @@ class History:
 
 
 # --- helpers ---
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls run natively (otherwise bf16 autocast on CPU is slower than fp32)."""
-    if "AMX" in torch.backends.cpu.get_cpu_capability():
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
-
-
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a TrainConfig.dtype, or None for plain fp32."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if dtype == "bf16":
-        if device.type == "cpu" and not cpu_has_native_bf16():
-            raise SettingError("dtype 'bf16' on this CPU: no native bf16 matmul (AMX / AVX512-BF16); use fp32")
-        return torch.bfloat16
-    return None
-
-
 def make_optimizer(model: DeepSeekV3, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with two groups: matrices decay, vectors (RMSNorm weights) do not."""
     params = [p for p in model.parameters() if p.requires_grad]  # the tied embedding/head once
@@ -368,6 +348,8 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
             raise ValueError(f"run folder {out} holds checkpoints newer than step {state['step']} "
                              f"({', '.join(newer)}); continue into another folder: out=... (--out)")
     out.mkdir(parents=True, exist_ok=True)
+    if main and cfg.progress:  # which device "auto" picked, and how it computes
+        print(f"training on {describe(device)}, {precision_name(amp)}", file=sys.stderr)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -376,11 +358,15 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
     train_tok, val_tok = split_tokens(load_tokens(cfg.corpus), cfg.val_fraction)
     sampler = BatchSampler(train_tok, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)  # global state
     optimizer = make_optimizer(model, cfg, device)
+    # fp16 gradients underflow unless the loss is scaled up; a step whose gradients overflowed is skipped
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # disabled: every call passes through
     history = History(run_dir=str(out))
     step = 0
     if state is not None:
         load_weights(model, state["path"])
         optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:  # an fp16 run's loss scale (ignored when this run does not scale)
+            scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng_torch"])
         random.setstate(state["python_rng"])
@@ -416,7 +402,8 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
         meta = {"tokenizer": TOKENIZER_NAME, "train_config": cfg.to_dict(), "sampler": sampler.state_dict(),
                 "history": history.to_dict()}
         if main:
-            save_checkpoint(out, model, step=step, optimizer=optimizer, meta=meta, keep=cfg.keep, best=best)
+            save_checkpoint(out, model, step=step, optimizer=optimizer, scaler=scaler, meta=meta, keep=cfg.keep,
+                            best=best)
         if not best:
             history.checkpoint = str(checkpoint_dir(out, step))
         if dp is not None:
@@ -463,11 +450,12 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
                 with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
                     with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                         o = fwd(xb, yb, return_logits=False)  # fused chunked head + CE: no (B, T, vocab) logits
-                    (o.loss / cfg.grad_accum).backward()
+                    scaler.scale(o.loss / cfg.grad_accum).backward()
                 sums += torch.stack([o.loss, o.ce_loss, o.aux_loss, o.z_loss, o.mtp_loss]).detach().float() \
                     / cfg.grad_accum
             if dp is not None:  # global mean loss, and the global expert load for the bias update below
                 sums = dp.reduce_step(sums, model)
+            scaler.unscale_(optimizer)  # the gradients' true values, for clipping and the logged norm
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             loads = [m.gate.step_load / m.gate.step_load.sum().clamp(min=1) for m in model.moe_layers()]
             # one host sync per step (a GPU keeps running ahead otherwise): losses, gradient norm, expert loads
@@ -476,10 +464,13 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
                 raise FloatingPointError(
                     f"non-finite loss ({host[0].item()}) at step {step + 1}; stopped without saving. "
                     f"Last good checkpoint: {history.checkpoint or 'none yet'}")
-            if not torch.isfinite(host[5]):
+            if not torch.isfinite(host[5]) and not scaler.is_enabled():  # (fp16: the scaler skips the step)
                 raise FloatingPointError(f"non-finite gradient norm at step {step + 1}; stopped without saving. "
                                          f"Last good checkpoint: {history.checkpoint or 'none yet'}")
-            optimizer.step()
+            scale = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.step(optimizer)  # skipped when the gradients overflowed in fp16
+            scaler.update()  # ... and then the scale is lowered (it is raised after 2000 clean steps)
+            skipped = scale is not None and scaler.get_scale() < scale
             optimizer.zero_grad(set_to_none=True)
             load = host[6:].view(len(loads), -1).tolist() if loads else []
             model.update_router_bias()  # b_i update (when bias_update_speed > 0); resets the step's counts
@@ -490,6 +481,8 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
             loss, ce, aux, z, mtp = host[:5].tolist()
             rec = {"step": step, "loss": loss, "ce": ce, "aux": aux, "z": z,
                    **({"mtp": mtp} if model.mtp is not None else {}), "lr": lr, "grad_norm": host[5].item(),
+                   **({"loss_scale": scale, "skipped_steps": history.skipped_steps + skipped}
+                      if scale is not None else {}),
                    "tokens_per_s": x.numel() * world / dt,
                    "elapsed": time.perf_counter() - t_start,
                    "expert_load": [[round(v, 5) for v in row] for row in load]}
@@ -545,12 +538,13 @@ def add_cli_args(p) -> None:
     p.add_argument("--save-interval", type=int, help=f"save every N steps, 0 = only at the end "
                    f"({per_preset('save_interval')})")
     p.add_argument("--keep", type=int, help=f"step checkpoints to keep, besides best/ (default: {d['keep']})")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"],
-                   help="autocast dtype; bf16 on CPU needs AMX/AVX512-BF16 (default: auto = bf16 on CUDA, else fp32)")
+    p.add_argument("--dtype", choices=list(DTYPES),
+                   help="autocast dtype; fp16 scales the loss (torch.amp.GradScaler); bf16 on CPU needs "
+                   "AMX/AVX512-BF16 (default: auto = bf16 where supported, fp16 on older CUDA GPUs, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--seed", type=int, help=f"seed for init and data order (default: {d['seed']})")
     p.add_argument("--corpus", help="UTF-8 text file (default: $DSV3_CORPUS, else Tiny Shakespeare)")
-    p.add_argument("--device", help="auto, cpu, cuda, ... (default: auto = cuda if available)")
+    p.add_argument("--device", help="auto, cpu, cuda, mps, ... (default: auto = cuda, else mps, else cpu)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core; 1 is faster on a "
                    "machine busy with other jobs)")
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
