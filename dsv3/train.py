@@ -163,11 +163,16 @@ class TrainConfig:
 
 @dataclass
 class History:
-    """What a run measured: one record per optimizer step, one per validation; plots take this."""
+    """What a run measured: one record per optimizer step, one per validation; plots take this.
 
-    # step, loss, ce, aux, z, (mtp: with MTP modules), lr, grad_norm, tokens_per_s, expert_load
+    train: ce (the next-token cross-entropy on the step's batch), aux and z (the router losses, weighted),
+    with MTP modules mtp_ce (their cross-entropy, mean over depths) and mtp (its weighted term, lambda x mtp_ce),
+    loss (the total optimized: ce + aux + z + mtp), lr, grad_norm, tokens_per_s, expert_load; under fp16
+    loss_scale and skipped_steps. val: val_ce (the cross-entropy on the held-out split) and expert_load
+    (summed over the eval batches); val_loss is the same number under its older name."""
+
     train: list[dict] = field(default_factory=list)
-    val: list[dict] = field(default_factory=list)  # step, val_loss, expert_load (summed over the eval batches)
+    val: list[dict] = field(default_factory=list)
     run_dir: str | None = None
     checkpoint: str | None = None  # the last checkpoint saved
     interrupted: bool = False  # stopped by Ctrl-C (a checkpoint was saved)
@@ -222,6 +227,15 @@ class History:
 
 
 # --- helpers ---
+def _mtp_figures(model: DeepSeekV3, mtp: float) -> dict:
+    """With MTP modules: the weighted term the loss adds (mtp = lambda / D * sum_k CE_k) and the MTP cross-entropy
+    itself (mean over the D depths), which is what compares with the main head's CE."""
+    if model.mtp is None:
+        return {}
+    lam = model.cfg.mtp_loss_weight
+    return {"mtp": mtp, **({"mtp_ce": mtp / lam} if lam > 0 else {})}
+
+
 def make_optimizer(model: DeepSeekV3, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with two groups: matrices decay, vectors (RMSNorm weights) do not."""
     params = [p for p in model.parameters() if p.requires_grad]  # the tied embedding/head once
@@ -417,7 +431,7 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
         status("validating")
         rows = max(cfg.batch_size, 16)  # no gradients to hold: at least 16 rows per forward
         val_loss, load = evaluate(model, val_tok, rows, cfg.seq_len, cfg.eval_batches, amp)
-        rec = {"step": step, "val_loss": val_loss, "expert_load": load}
+        rec = {"step": step, "val_ce": val_loss, "val_loss": val_loss, "expert_load": load}
         history.val.append(rec)  # every rank evaluates (the same numbers) rather than idling at a barrier
         if main:
             with metrics.open("a") as f:
@@ -480,7 +494,7 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
             dt = time.perf_counter() - t0
             loss, ce, aux, z, mtp = host[:5].tolist()
             rec = {"step": step, "loss": loss, "ce": ce, "aux": aux, "z": z,
-                   **({"mtp": mtp} if model.mtp is not None else {}), "lr": lr, "grad_norm": host[5].item(),
+                   **_mtp_figures(model, mtp), "lr": lr, "grad_norm": host[5].item(),
                    **({"loss_scale": scale, "skipped_steps": history.skipped_steps + skipped}
                       if scale is not None else {}),
                    "tokens_per_s": x.numel() * world / dt,
@@ -490,10 +504,10 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
             log.write(json.dumps(rec | {"kind": "train"}) + "\n")
             log.flush()
             bar.update(1)
-            post = {"loss": f"{loss:.3f}", **({"mtp": f"{mtp:.3f}"} if "mtp" in rec else {}),
+            post = {"ce": f"{ce:.3f}", **({"mtp_ce": f"{rec['mtp_ce']:.3f}"} if "mtp_ce" in rec else {}),
                     "tok/s": f"{rec['tokens_per_s']:.0f}"}
             if history.val:
-                post["val"] = f"{history.val[-1]['val_loss']:.3f}"
+                post["val_ce"] = f"{history.val[-1]['val_loss']:.3f}"
             bar.set_postfix(post, refresh=False)
             if step % cfg.eval_interval == 0 or step == end:
                 history.stopped_early = validate()
@@ -591,13 +605,23 @@ def cmd_train(args) -> int:
         raise ValueError(e.named(flags.get)) from None
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports for the whole data-parallel run
+    print(summary(h))
+    return 130 if h.interrupted else 0
+
+
+def summary(h: History) -> str:
+    """The CLI's closing lines: each figure named for what it is (train CE beside val CE; the total as such)."""
     last, val = h.train[-1] if h.train else {}, h.val[-1] if h.val else {}
+    nan = float("nan")
     tps = [r["tokens_per_s"] for r in h.train[-50:]]
     how = "interrupted" if h.interrupted else "stopped early" if h.stopped_early else "done"
-    print(f"{how}: step {val.get('step')}, "
-          f"{sum(tps) / max(1, len(tps)):.0f} tokens/s (last {len(tps)} steps), "
-          f"train loss {last.get('loss', float('nan')):.4f}, val loss {val.get('val_loss', float('nan')):.4f}, "
-          f"max/mean expert load {max(h.max_over_mean_load(), default=1.0):.2f}, checkpoint {h.checkpoint}")
+    mtp = (f"MTP CE {last['mtp_ce']:.4f}, " if "mtp_ce" in last else "")
+    terms = "CE + aux + z" + (" + weighted MTP CE" if "mtp" in last else "")
+    skipped = f"{h.skipped_steps} steps skipped on fp16 overflow, " if "skipped_steps" in last else ""
+    lines = [f"{how}: step {val.get('step')}, train CE {last.get('ce', nan):.4f}, "
+             f"val CE {val.get('val_loss', nan):.4f}, {mtp}total loss {last.get('loss', nan):.4f} ({terms}), "
+             f"{sum(tps) / max(1, len(tps)):.0f} tokens/s (last {len(tps)} steps), {skipped}"
+             f"max/mean expert load {max(h.max_over_mean_load(), default=1.0):.2f}, checkpoint {h.checkpoint}"]
     if h.best:
-        print(f"best: step {h.best_step}, val loss {h.best_val_loss:.4f}, checkpoint {Path(h.run_dir) / 'best'}")
-    return 130 if h.interrupted else 0
+        lines.append(f"best: step {h.best_step}, val CE {h.best_val_loss:.4f}, checkpoint {Path(h.run_dir) / 'best'}")
+    return "\n".join(lines)

@@ -76,6 +76,24 @@ def test_loss_decreases_on_tiny_shakespeare(tmp_path):
     assert dsv3.train.__module__ == "dsv3.train" and h.model is not None and not h.model.training
 
 
+def test_figures_are_named_for_what_they_are(tmp_path):
+    """train CE, val CE and the MTP cross-entropy each under its own name; the total only as `loss`."""
+    h = run(tmp_path, steps=2, eval_interval=2, model_overrides={**FAST, "n_mtp_layers": 1})
+    first, val = h.train[0], h.val[-1]
+    assert first["ce"] == pytest.approx(math.log(50257), rel=0.02)  # at init every head is near-uniform
+    assert first["mtp_ce"] == pytest.approx(math.log(50257), rel=0.02)  # the MTP CE, not 0.3 x it
+    assert first["loss"] == pytest.approx(first["ce"] + first["aux"] + first["z"] + 0.3 * first["mtp_ce"], rel=1e-5)
+    assert val["val_ce"] == val["val_loss"] and h.best_val_loss == val["val_ce"]
+    text = train_module.summary(h)
+    assert f"train CE {h.train[-1]['ce']:.4f}, val CE {val['val_ce']:.4f}, MTP CE {h.train[-1]['mtp_ce']:.4f}, " \
+           f"total loss {h.train[-1]['loss']:.4f} (CE + aux + z + weighted MTP CE)" in text
+    # a metrics.jsonl written before val_ce existed still reads (plots and the notebooks take val_loss)
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({"step": 1, "loss": 9.0, "ce": 8.9, "kind": "train"}) + "\n" +
+                   json.dumps({"step": 1, "val_loss": 8.5, "kind": "val"}) + "\n")
+    assert dsv3.History.from_jsonl(old).best == {"step": 1, "val_loss": 8.5}
+
+
 def test_resume_is_bitwise_exact(tmp_path):
     kw = dict(grad_accum=2, decay_steps=10)  # accumulation, router bias and optimizer all in play
     full = run(tmp_path / "full", steps=10, **kw)
@@ -132,8 +150,11 @@ def test_cli_end_to_end(tmp_path):
     p = _cli("--preset", "tiny", "--steps", "4", "--out", str(out), *common, *FAST_ARGS)
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr
-    assert stdout.startswith("done: step 4,") and "val loss" in stdout and "tokens/s" in stdout
-    assert f"best: step 4, val loss {dsv3.History.from_jsonl(out / 'metrics.jsonl').best_val_loss:.4f}" in stdout
+    h = dsv3.History.from_jsonl(out / "metrics.jsonl")
+    assert stdout.startswith(f"done: step 4, train CE {h.train[-1]['ce']:.4f}, val CE {h.val[-1]['val_ce']:.4f}, "
+                             f"total loss {h.train[-1]['loss']:.4f} (CE + aux + z), ") and "tokens/s" in stdout
+    assert f"best: step 4, val CE {h.best_val_loss:.4f}" in stdout
+    assert "training on cpu, fp32" not in stderr  # (--no-progress: nothing on stderr)
     p = _cli("--resume", str(out), "--steps", "2", *common)
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr
