@@ -182,6 +182,65 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_second_training_on_a_run_folder_is_refused_while_the_first_runs(tmp_path, capsys):
+    from dsv3.__main__ import main
+    from dsv3.checkpoint import RunInUse
+
+    out = tmp_path / "run"
+    common = ["--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--no-progress"]
+    first = _cli("--preset", "tiny", "--steps", "100000", "--save-interval", "2", "--out", str(out), *common,
+                 *FAST_ARGS)
+    _wait_for_checkpoint(first, out)
+    try:  # a CLI run and a notebook beside it, each told in one line
+        second = _cli("--resume", str(out), "--steps", "1", *common)
+        _, stderr = second.communicate(timeout=120)
+        assert second.returncode == 2 and stderr == (f"error: run folder {out} is in use by another training (pid "
+                                                     f"{first.pid}); wait for it to end, or train into another "
+                                                     "folder (out=..., --out)\n")
+        assert main(["train", "--preset", "tiny", "--overwrite", "--out", str(out), *common, *FAST_ARGS]) == 2
+        assert "is in use by another training" in capsys.readouterr().err  # (--overwrite deletes nothing)
+        with pytest.raises(RunInUse):
+            dsv3.train(resume=out, steps=1, progress=False)
+    finally:
+        first.send_signal(signal.SIGKILL)  # a crash: the lock goes with the process
+        first.wait()
+    step = dsv3.load_checkpoint(out, with_state=True)[1]["step"]
+    assert dsv3.train(resume=out, steps=1, progress=False).column("step")[-1] == step + 1
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from dsv3.__main__ import main
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):  # the step-4 checkpoint's state.pt: half written, then the disk is full
+        if "step_000004" in str(f):
+            Path(f).write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **k)
+
+    out, kw = tmp_path / "run", dict(steps=6, eval_interval=2, save_interval=2, keep=5)
+    full = run(tmp_path / "full", **kw)
+    monkeypatch.setattr(torch, "save", full_disk)
+    args = ["--preset", "tiny", "--out", str(out), "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3",
+            "--warmup", "2", "--threads", "1", "--eval-batches", "2", "--no-progress", *FAST_ARGS]
+    assert main(["train", *args, *(f"--{k.replace('_', '-')}={v}" for k, v in kw.items())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: could not write step_000004 in {out} at step 4: No space left on device. The "
+                          "checkpoints saved before are intact (step_000002, best/); free some space, then resume "
+                          f"from {out}") and err.count("\n") == 1
+    assert [p.name for p in list_checkpoints(out)] == ["step_000002"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the half-written folder is gone
+    dsv3.load_checkpoint(out, best=True, with_state=True)  # best/ loads
+    monkeypatch.setattr(torch, "save", real_save)  # space is back
+    resumed = dsv3.train(resume=out, steps=4, progress=False)
+    for key in ("step", "loss", "grad_norm"):
+        assert resumed.column(key) == full.column(key), key  # as if the disk had never filled
+    assert resumed.column("val_loss", "val") == full.column("val_loss", "val")
+
+
 @pytest.mark.slow
 def test_atomic_save_survives_a_kill(tmp_path):
     """SIGKILL mid-run (saving every step), resume from the disk, and match an uninterrupted run."""
