@@ -14,7 +14,9 @@ validations without a new best).
 A checkpoint holds everything the next step depends on (weights, router biases, optimizer, RNG,
 sampler position, schedule), so N steps + resume M steps == N + M steps, bitwise on CPU in fp32.
 Non-finite loss stops with an error naming the step (the last checkpoint is left as it was);
-Ctrl-C finishes the current step, saves, and returns.
+Ctrl-C finishes the current step, saves, and returns. One training at a time per run folder (checkpoint.run_lock);
+a save that fails (a full disk) stops with one line, the earlier checkpoints intact and resumable.
+Reading order: `train()` -> `_train` (the loop) -> `_Run`: set-up and resume, `optimizer_step`, `validate`, `save`.
 Under torchrun (WORLD_SIZE > 1) the same loop runs data parallel (distributed.py): rank r of w takes rows
 r::w of each global batch, so w ranks x grad_accum a compute exactly what 1 process x grad_accum w*a does;
 losses and expert loads are all-reduced, and rank 0 alone logs and saves. Without torchrun none of it runs.
