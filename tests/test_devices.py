@@ -75,9 +75,10 @@ def _params(path):
 
 
 @corpus
-def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path, overflow_at):
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path, overflow_at, capsys):
     overflow_at(3)
-    h = _run(tmp_path, steps=5, save_interval=1, keep=10)
+    h = _run(tmp_path, steps=5, save_interval=1, keep=10, progress=True)
+    assert "training on cpu, fp16 autocast + loss scaling\n" in capsys.readouterr().err  # says what it runs on
     assert all(torch.isfinite(torch.tensor(h.column("loss"))))
     assert h.column("loss")[-1] < h.column("loss")[0]
     assert h.column("skipped_steps") == [0, 0, 1, 1, 1] and h.skipped_steps == 1
