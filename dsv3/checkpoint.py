@@ -1,7 +1,7 @@
 """Checkpoints: one folder per saved step inside a run folder, written atomically.
 
     <run>/step_000200/model.safetensors   weights (tied embedding/head stored once; router biases included)
-                      state.pt            optimizer state and torch RNG state (tensors only)
+                      state.pt            optimizer state, torch RNG state, fp16 loss scaler (tensors and numbers)
                       meta.json           format tag, step, model config, tokenizer, train config,
                                           sampler state, python RNG state, metrics so far
     <run>/best/                           the same three files, for the step with the lowest validation loss
@@ -10,11 +10,14 @@ renaming it out of the step_* namespace first (.trash-*), then deleting it. So a
 every step_* / best folder either complete or absent, and `list_checkpoints` returns complete ones only;
 hidden leftovers are cleaned up at the next save. `save_checkpoint` keeps the newest `keep` step folders.
 Loading never unpickles code: safetensors for weights, `torch.load(weights_only=True)` for the rest.
+`run_lock` keeps a second training out of a run folder while one runs (<run>/train.lock; the kernel drops the
+lock when its process ends, crashed or not).
 Does not know how training works; it stores what the trainer hands it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -36,6 +39,39 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 BEST = "best"  # the best checkpoint's folder name inside a run folder
 FILES = ("meta.json", "model.safetensors", "state.pt")  # what every complete checkpoint folder holds
 _LEFTOVER = (".tmp-", ".old-", ".trash-")  # hidden folders a kill mid-save or mid-delete can leave behind
+
+
+LOCK_FILE = "train.lock"  # in a run folder: locked by the training that writes there, holds its pid
+
+
+class RunInUse(RuntimeError):
+    """Another process is training into this run folder."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike):
+    """Hold <run_dir>/train.lock for the block (an exclusive flock; without fcntl, as on Windows, no lock).
+    A second holder, in this process or another, gets RunInUse at once. The file stays; only the lock matters."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            raise RunInUse(f"run folder {run_dir} is in use by another training (pid {holder}); wait for it to end, "
+                           "or train into another folder (out=..., --out)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -114,7 +150,7 @@ def clean_leftovers(run_dir: str | os.PathLike) -> None:
             remove_checkpoint(p)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekV3, *, step: int, optimizer=None,
+def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekV3, *, step: int, optimizer=None, scaler=None,
                     meta: dict | None = None, keep: int = 3, best: bool = False) -> Path:
     """Write <run_dir>/step_<step> atomically and delete all but the newest `keep` checkpoints.
 
@@ -132,6 +168,8 @@ def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekV3, *, step: int,
         state = {"rng_torch": torch.get_rng_state()}
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
+        if scaler is not None and scaler.is_enabled():  # fp16 loss scaling: the scale and its growth counter
+            state["scaler"] = scaler.state_dict()
         torch.save(state, tmp / "state.pt")
         info = {"format": FORMAT, "step": step, "config": model.cfg.to_dict(),
                 "python_rng": _python_rng_to_json(random.getstate()), **(meta or {})}

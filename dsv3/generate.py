@@ -490,7 +490,8 @@ def add_cli_args(p) -> None:
     p.add_argument("--stop", action="append", default=None,
                    help="stop before this string (repeatable) (default: only at <|endoftext|>)")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, mps, ... (default: auto = cuda, else mps, else cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's; 1 is faster on a busy machine)")
     mode = p.add_mutually_exclusive_group()
@@ -516,8 +517,9 @@ def cmd_generate(args) -> int:
     import sys
 
     from .checkpoint import load_checkpoint
+    from .devices import resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")

@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 import ipywidgets as W
-import torch
 
 from .checkpoint import list_checkpoints, load_checkpoint, read_meta, resolve_checkpoint
 from .data import get_tokenizer
+from .devices import resolve_device
 from .generate import generate
 from .model import DeepSeekV3
 
@@ -350,5 +350,5 @@ def show(root: str | os.PathLike = "checkpoints", device: str | None = None) -> 
     if not choices:
         return W.HTML(f"<h2>{TITLE}</h2><b>No checkpoint found</b> (looked in <code>{_esc(Path(root).name)}/"
                       f"</code>). {HOW_TO_TRAIN}").add_class("gen-status")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(device))  # None / "auto": CUDA, then MPS, then the CPU
     return Playground(load_checkpoint(choices[0][1], map_location=device), choices=choices, device=device)

@@ -1,10 +1,11 @@
 """Training: `TrainConfig`, `train()` (phase 1, and phase 2 by resuming), `History`, `evaluate()`.
 
 One loop for the notebooks and the CLI. Per optimizer step: sample a global batch (`data.BatchSampler`),
-run it as `grad_accum` micro-batches (micro-batch i = rows i::grad_accum) under autocast (bf16 on CUDA;
-on CPU only when asked and the CPU has native bf16 matmul), loss = CE + aux + z (+ the multi-token prediction
-term `mtp` when the model has MTP modules; coefficients from the model config), clip the gradient norm, AdamW
-with weight-decay groups (no decay on norms), then the aux-loss-free router bias update.
+run it as `grad_accum` micro-batches (micro-batch i = rows i::grad_accum) under autocast (devices.py: bf16 where
+the GPU has it, fp16 with a loss scaler on older CUDA GPUs, fp32 on the CPU unless asked), loss = CE + aux + z
+(+ the multi-token prediction term `mtp` when the model has MTP modules; coefficients from the model config),
+clip the gradient norm, AdamW with weight-decay groups (no decay on norms), then the aux-loss-free router bias
+update. Under fp16 a step whose gradients overflowed is skipped (the scaler lowers its scale; the count is logged).
 The learning rate is a function of the global step (linear warmup, cosine to min_lr at decay_steps,
 then flat), so phase 2 continues exactly where phase 1 left it. Every step appends a JSON line to
 <out>/metrics.jsonl; validation runs every eval_interval steps on the held-out split, and whenever its loss is
@@ -13,7 +14,9 @@ validations without a new best).
 A checkpoint holds everything the next step depends on (weights, router biases, optimizer, RNG,
 sampler position, schedule), so N steps + resume M steps == N + M steps, bitwise on CPU in fp32.
 Non-finite loss stops with an error naming the step (the last checkpoint is left as it was);
-Ctrl-C finishes the current step, saves, and returns.
+Ctrl-C finishes the current step, saves, and returns. One training at a time per run folder (checkpoint.run_lock);
+a save that fails (a full disk) stops with one line, the earlier checkpoints intact and resumable.
+Reading order: `train()` -> `_train` (the loop) -> `_Run`: set-up and resume, `optimizer_step`, `validate`, `save`.
 Under torchrun (WORLD_SIZE > 1) the same loop runs data parallel (distributed.py): rank r of w takes rows
 r::w of each global batch, so w ranks x grad_accum a compute exactly what 1 process x grad_accum w*a does;
 losses and expert loads are all-reduced, and rank 0 alone logs and saves. Without torchrun none of it runs.
@@ -37,8 +40,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from .checkpoint import (
+    RunInUse,
     best_checkpoint,
     checkpoint_dir,
     copy_checkpoint,
@@ -48,10 +53,12 @@ from .checkpoint import (
     read_meta,
     remove_all,
     resolve_checkpoint,
+    run_lock,
     save_checkpoint,
 )
 from .config import PRESETS, ModelConfig, SettingError
 from .data import TOKENIZER_NAME, BatchSampler, load_tokens, split_tokens, val_batches
+from .devices import DTYPES, autocast_dtype, describe, precision_name, resolve_device
 from .distributed import DataParallel, world_size_from_env
 from .model import DeepSeekV3
 from .threads import governor as thread_governor
@@ -90,13 +97,14 @@ class TrainConfig:
     save_interval: int | None = None  # save every this many steps (and at the end); None/0 = end only
     keep: int = 3  # checkpoints kept in the run folder (besides best/, the lowest validation loss)
     early_stop: int = 0  # stop after this many validations without a new best (0 = never)
-    dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
+    dtype: str = "auto"  # "auto" (devices.autocast_dtype: bf16, fp16 + loss scaling on older GPUs, fp32 on CPU),
+    # "fp32", "bf16" or "fp16"
     compile: bool = False  # torch.compile the model for training
     threads: int | None = None  # CPU threads for this run (None = torch's default); 1 wins on a busy machine
     seed: int = 0  # model init and data order
     corpus: str | None = None  # text file; None = $DSV3_CORPUS, else Tiny Shakespeare
     val_fraction: float = 0.1  # the last 10% of tokens is held out
-    device: str = "auto"  # "auto", "cpu", "cuda", ...
+    device: str = "auto"  # "auto" (CUDA, then MPS, then the CPU: devices.resolve_device), "cpu", "cuda", "mps", ...
     out: str | None = None  # run folder; None = checkpoints/<preset> (resume: the resumed run's folder)
     overwrite: bool = False  # phase 1 into a folder that holds checkpoints: delete them first
     progress: bool = True  # tqdm progress bar
@@ -130,7 +138,7 @@ class TrainConfig:
              f"eval_batches must be >= 1 or None, got {self.eval_batches}")
         need(self.save_interval is None or self.save_interval >= 0,
              f"save_interval must be >= 0, got {self.save_interval}")
-        need(self.dtype in ("auto", "fp32", "bf16"), f"dtype must be 'auto', 'fp32' or 'bf16', got {self.dtype!r}")
+        need(self.dtype in DTYPES, f"dtype must be one of {', '.join(map(repr, DTYPES))}, got {self.dtype!r}")
         need(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         need(self.time_limit is None or self.time_limit > 0, f"time_limit must be > 0 seconds, got {self.time_limit}")
         need(self.threads is None or self.threads >= 1, f"threads must be >= 1 or None, got {self.threads}")
@@ -160,11 +168,16 @@ class TrainConfig:
 
 @dataclass
 class History:
-    """What a run measured: one record per optimizer step, one per validation; plots take this."""
+    """What a run measured: one record per optimizer step, one per validation; plots take this.
 
-    # step, loss, ce, aux, z, (mtp: with MTP modules), lr, grad_norm, tokens_per_s, expert_load
+    train: ce (the next-token cross-entropy on the step's batch), aux and z (the router losses, weighted),
+    with MTP modules mtp_ce (their cross-entropy, mean over depths) and mtp (its weighted term, lambda x mtp_ce),
+    loss (the total optimized: ce + aux + z + mtp), lr, grad_norm, tokens_per_s, expert_load; under fp16
+    loss_scale and skipped_steps. val: val_ce (the cross-entropy on the held-out split) and expert_load
+    (summed over the eval batches); val_loss is the same number under its older name."""
+
     train: list[dict] = field(default_factory=list)
-    val: list[dict] = field(default_factory=list)  # step, val_loss, expert_load (summed over the eval batches)
+    val: list[dict] = field(default_factory=list)
     run_dir: str | None = None
     checkpoint: str | None = None  # the last checkpoint saved
     interrupted: bool = False  # stopped by Ctrl-C (a checkpoint was saved)
@@ -179,6 +192,11 @@ class History:
     @property
     def best_val_loss(self) -> float | None:
         return self.best["val_loss"] if self.best else None
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped because fp16 gradients overflowed (0 without fp16 loss scaling)."""
+        return self.train[-1].get("skipped_steps", 0) if self.train else 0
 
     def column(self, key: str, kind: str = "train") -> list:
         return [r[key] for r in getattr(self, kind)]
@@ -214,32 +232,13 @@ class History:
 
 
 # --- helpers ---
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls run natively (otherwise bf16 autocast on CPU is slower than fp32)."""
-    if "AMX" in torch.backends.cpu.get_cpu_capability():
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
-
-
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a TrainConfig.dtype, or None for plain fp32."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if dtype == "bf16":
-        if device.type == "cpu" and not cpu_has_native_bf16():
-            raise SettingError("dtype 'bf16' on this CPU: no native bf16 matmul (AMX / AVX512-BF16); use fp32")
-        return torch.bfloat16
-    return None
+def _mtp_figures(model: DeepSeekV3, mtp: float) -> dict:
+    """With MTP modules: the weighted term the loss adds (mtp = lambda / D * sum_k CE_k) and the MTP cross-entropy
+    itself (mean over the D depths), which is what compares with the main head's CE."""
+    if model.mtp is None:
+        return {}
+    lam = model.cfg.mtp_loss_weight
+    return {"mtp": mtp, **({"mtp_ce": mtp / lam} if lam > 0 else {})}
 
 
 def make_optimizer(model: DeepSeekV3, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -326,7 +325,9 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
 
     On resume, `steps` counts additional steps (default 500) and the LR schedule, data order and
     everything else continue from the checkpoint. Returns the History, with `.model` (eval mode)
-    and `.checkpoint` (the last saved checkpoint folder).
+    and `.checkpoint` (the last saved checkpoint folder). A second training into a run folder in use is
+    refused (checkpoint.RunInUse); a save that fails (a full disk) raises RunWriteError, the checkpoints
+    already saved intact.
     """
     t_start = time.perf_counter()
     cfg, state = _resolve_config(config, resume, overrides)
@@ -338,21 +339,25 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
         raise SettingError(f"batch_size ({cfg.batch_size}) must be a multiple of world_size x grad_accum "
                            f"({world} x {cfg.grad_accum})", ("batch_size", "grad_accum"))
     dp = DataParallel.setup(resolve_device(cfg.device))  # None unless launched by torchrun with WORLD_SIZE > 1
-    try:
-        return _train(cfg, state, t_start, dp)
+    try:  # rank 0 holds the run folder's lock (the ranks of one run share it)
+        with run_lock(_run_dir(cfg)) if dp is None or dp.is_main else contextlib.nullcontext():
+            return _train(cfg, state, t_start, dp)
     finally:
         torch.set_num_threads(threads)
         if dp is not None:
             dp.close()
 
 
-def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParallel | None = None) -> History:
-    device = resolve_device(cfg.device) if dp is None else dp.device
-    rank, world = (0, 1) if dp is None else (dp.rank, dp.world_size)
-    main = rank == 0  # the one process that logs, writes metrics and saves
-    amp = autocast_dtype(cfg.dtype, device)
-    model_cfg = cfg.model_config()
-    out = Path(cfg.out or f"checkpoints/{cfg.preset}")
+class RunWriteError(RuntimeError):
+    """A checkpoint or metrics line could not be written (a full disk); what was saved before is intact."""
+
+
+def _run_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.out or f"checkpoints/{cfg.preset}")
+
+
+def _check_run_dir(cfg: TrainConfig, state: dict | None, out: Path, main: bool) -> None:
+    """Phase 1 needs an empty run folder (or overwrite, which empties it); a resume must not lose later steps."""
     if state is None:
         if cfg.decay_steps is None:
             cfg.decay_steps = cfg.steps  # fix the schedule's horizon now, so a resume continues it
@@ -369,152 +374,231 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
                              f"({', '.join(newer)}); continue into another folder: out=... (--out)")
     out.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    with torch.device(device):
-        model = DeepSeekV3(model_cfg)
-    train_tok, val_tok = split_tokens(load_tokens(cfg.corpus), cfg.val_fraction)
-    sampler = BatchSampler(train_tok, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)  # global state
-    optimizer = make_optimizer(model, cfg, device)
-    history = History(run_dir=str(out))
-    step = 0
-    if state is not None:
-        load_weights(model, state["path"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng_torch"])
-        random.setstate(state["python_rng"])
-        history = History.from_dict(state["history"], run_dir=str(out), checkpoint=state["path"])
-        step = state["step"]
-        src = Path(state["path"]).parent
-        if main and src.resolve() != out.resolve() and history.best and best_checkpoint(out) is None:
-            found = best_checkpoint(src)  # a run continued in a new folder brings its best so far along
-            if found is not None and read_meta(found)["step"] == history.best["step"]:
-                copy_checkpoint(found, out, best=True)
-    model.train()
-    ddp = None if dp is None else dp.wrap(model)  # averages gradients over ranks
-    fwd = model if ddp is None else ddp
-    if cfg.compile:
-        model.compile_blocks()
-    metrics = out / "metrics.jsonl"
-    if main:
-        _write_jsonl(metrics, [r | {"kind": "train"} for r in history.train] +
-                     [r | {"kind": "val"} for r in history.val])
-    end = step + cfg.steps
-    params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    from tqdm.auto import tqdm
-
-    desc = f"train {cfg.preset}"
-    bar = tqdm(total=end, initial=step, disable=not (cfg.progress and main), desc=desc, unit="step")
-
-    def status(what: str | None) -> None:  # "validating" / "saving" beside the step count while it happens
-        bar.set_description(f"{desc} ({what})" if what else desc)
-
-    def save(best: bool = False) -> None:
-        status("saving")
-        meta = {"tokenizer": TOKENIZER_NAME, "train_config": cfg.to_dict(), "sampler": sampler.state_dict(),
-                "history": history.to_dict()}
-        if main:
-            save_checkpoint(out, model, step=step, optimizer=optimizer, meta=meta, keep=cfg.keep, best=best)
-        if not best:
-            history.checkpoint = str(checkpoint_dir(out, step))
-        if dp is not None:
-            dp.barrier()  # the checkpoint is complete before any rank moves on
-        status(None)
-
-    def validate() -> bool:
-        """Validate at this step (once), keep a new best; True when early stopping says stop."""
-        if history.val and history.val[-1]["step"] == step:
-            return False
-        status("validating")
-        rows = max(cfg.batch_size, 16)  # no gradients to hold: at least 16 rows per forward
-        val_loss, load = evaluate(model, val_tok, rows, cfg.seq_len, cfg.eval_batches, amp)
-        rec = {"step": step, "val_loss": val_loss, "expert_load": load}
-        history.val.append(rec)  # every rank evaluates (the same numbers) rather than idling at a barrier
-        if main:
-            with metrics.open("a") as f:
-                f.write(json.dumps(rec | {"kind": "val"}) + "\n")
-        status(None)
-        if history.best is None or val_loss < history.best["val_loss"]:
-            history.best = {"step": step, "val_loss": val_loss}
-            save(best=True)
-        since = sum(r["step"] > history.best["step"] for r in history.val)  # validations without a new best
-        return cfg.early_stop > 0 and since >= cfg.early_stop
-    log_file = metrics if main else os.devnull
-    governor = thread_governor(explicit=bool(cfg.threads), device=device, compiled=cfg.compile)  # see threads.py
-    if governor is not None:
-        governor.begin()  # (train() gives the caller back its thread count)
-    with _DeferInterrupt(escalate=dp is None) as interrupt, bar, open(log_file, "a") as log:
-        while step < end:
+def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParallel | None = None) -> History:
+    """Set up (or resume) the run, then optimizer steps, validating and saving at their intervals, until the
+    step count, early stopping, the time limit or Ctrl-C; then a last validation and save."""
+    run = _Run(cfg, state, t_start, dp)
+    end, history = run.step + cfg.steps, run.history
+    with _DeferInterrupt(escalate=dp is None) as interrupt, run.progress_bar(end):
+        while run.step < end:
             late = cfg.time_limit is not None and time.perf_counter() - t_start >= cfg.time_limit
             stop = interrupt.requested or late
             if stop if dp is None else dp.any(stop):  # every rank stops after the same step
                 break
-            t0 = time.perf_counter()
-            lr = cfg.lr_at(step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            x, y = sampler.next()
-            sums = torch.zeros(5, device=device)
-            for i in range(cfg.grad_accum):
-                xb, yb = x[i::cfg.grad_accum].to(device), y[i::cfg.grad_accum].to(device)
-                last = i == cfg.grad_accum - 1  # DDP all-reduces the accumulated gradients on the last one only
-                with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
-                    with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-                        o = fwd(xb, yb, return_logits=False)  # fused chunked head + CE: no (B, T, vocab) logits
-                    (o.loss / cfg.grad_accum).backward()
-                sums += torch.stack([o.loss, o.ce_loss, o.aux_loss, o.z_loss, o.mtp_loss]).detach().float() \
-                    / cfg.grad_accum
-            if dp is not None:  # global mean loss, and the global expert load for the bias update below
-                sums = dp.reduce_step(sums, model)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            loads = [m.gate.step_load / m.gate.step_load.sum().clamp(min=1) for m in model.moe_layers()]
-            # one host sync per step (a GPU keeps running ahead otherwise): losses, gradient norm, expert loads
-            host = torch.cat([sums, grad_norm.reshape(1).float(), *loads]).cpu()
-            if not torch.isfinite(host[0]):  # checked before the optimizer step: nothing is corrupted or saved
-                raise FloatingPointError(
-                    f"non-finite loss ({host[0].item()}) at step {step + 1}; stopped without saving. "
-                    f"Last good checkpoint: {history.checkpoint or 'none yet'}")
-            if not torch.isfinite(host[5]):
-                raise FloatingPointError(f"non-finite gradient norm at step {step + 1}; stopped without saving. "
-                                         f"Last good checkpoint: {history.checkpoint or 'none yet'}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            load = host[6:].view(len(loads), -1).tolist() if loads else []
-            model.update_router_bias()  # b_i update (when bias_update_speed > 0); resets the step's counts
-            step += 1
-            if governor is not None:
-                governor.tick()  # fewer threads while another job shares the CPU cores
-            dt = time.perf_counter() - t0
-            loss, ce, aux, z, mtp = host[:5].tolist()
-            rec = {"step": step, "loss": loss, "ce": ce, "aux": aux, "z": z,
-                   **({"mtp": mtp} if model.mtp is not None else {}), "lr": lr, "grad_norm": host[5].item(),
-                   "tokens_per_s": x.numel() * world / dt,
-                   "elapsed": time.perf_counter() - t_start,
-                   "expert_load": [[round(v, 5) for v in row] for row in load]}
-            history.train.append(rec)
-            log.write(json.dumps(rec | {"kind": "train"}) + "\n")
-            log.flush()
-            bar.update(1)
-            post = {"loss": f"{loss:.3f}", **({"mtp": f"{mtp:.3f}"} if "mtp" in rec else {}),
-                    "tok/s": f"{rec['tokens_per_s']:.0f}"}
-            if history.val:
-                post["val"] = f"{history.val[-1]['val_loss']:.3f}"
-            bar.set_postfix(post, refresh=False)
-            if step % cfg.eval_interval == 0 or step == end:
-                history.stopped_early = validate()
-            if step == end or history.stopped_early:
+            run.record(run.optimizer_step())
+            if run.step % cfg.eval_interval == 0 or run.step == end:
+                history.stopped_early = run.validate()
+            if run.step == end or history.stopped_early:
                 break  # (the final save follows the loop)
-            if cfg.save_interval and step % cfg.save_interval == 0:
-                save()
+            if cfg.save_interval and run.step % cfg.save_interval == 0:
+                run.save()
         history.interrupted = interrupt.requested
-        validate()  # (no-op if this step was validated in the loop)
-        if history.checkpoint is None or Path(history.checkpoint).name != checkpoint_dir(out, step).name:
-            save()
-    model.eval()
-    history.model = model
+        run.validate()  # (no-op if this step was validated in the loop)
+        if history.checkpoint is None or Path(history.checkpoint).name != checkpoint_dir(run.out, run.step).name:
+            run.save()
+    run.model.eval()
+    history.model = run.model
     return history
+
+
+class _Run:
+    """One training run while it runs: set-up and resume (here), one optimizer step (`optimizer_step`, `record`),
+    validation and saving (`validate`, `save`). `_train` drives it."""
+
+    def __init__(self, cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParallel | None):
+        self.cfg, self.dp, self.t_start = cfg, dp, t_start
+        self.device = resolve_device(cfg.device) if dp is None else dp.device
+        rank, self.world = (0, 1) if dp is None else (dp.rank, dp.world_size)
+        self.main = rank == 0  # the one process that logs, writes metrics and saves
+        self.amp = autocast_dtype(cfg.dtype, self.device)
+        model_cfg = cfg.model_config()
+        self.out = _run_dir(cfg)
+        _check_run_dir(cfg, state, self.out, self.main)
+        if self.main and cfg.progress:  # which device "auto" picked, and how it computes
+            print(f"training on {describe(self.device)}, {precision_name(self.amp)}", file=sys.stderr)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        with torch.device(self.device):
+            self.model = DeepSeekV3(model_cfg)
+        train_tok, self.val_tok = split_tokens(load_tokens(cfg.corpus), cfg.val_fraction)
+        self.sampler = BatchSampler(train_tok, cfg.batch_size, cfg.seq_len, cfg.seed, rank, self.world)  # global
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        # fp16 gradients underflow unless the loss is scaled up; a step whose gradients overflowed is skipped
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)  # else: no-ops
+        self.history, self.step = History(run_dir=str(self.out)), 0
+        if state is not None:
+            self._resume(state)
+        self.model.train()
+        self.fwd = self.model if dp is None else dp.wrap(self.model)  # DDP averages gradients over ranks
+        if cfg.compile:
+            self.model.compile_blocks()
+        self.metrics = self.out / "metrics.jsonl"
+        if self.main:
+            _write_jsonl(self.metrics, [r | {"kind": "train"} for r in self.history.train] +
+                         [r | {"kind": "val"} for r in self.history.val])
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.governor = thread_governor(explicit=bool(cfg.threads), device=self.device, compiled=cfg.compile)
+        if self.governor is not None:  # see threads.py
+            self.governor.begin()  # (train() gives the caller back its thread count)
+
+    def _resume(self, state: dict) -> None:
+        """Everything the next step depends on, from the checkpoint; a run continued in a new folder brings its
+        best so far along."""
+        load_weights(self.model, state["path"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:  # an fp16 run's loss scale (ignored when this run does not scale)
+            self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng_torch"])
+        random.setstate(state["python_rng"])
+        self.history = History.from_dict(state["history"], run_dir=str(self.out), checkpoint=state["path"])
+        self.step = state["step"]
+        src, best = Path(state["path"]).parent, self.history.best
+        if self.main and src.resolve() != self.out.resolve() and best and best_checkpoint(self.out) is None:
+            found = best_checkpoint(src)
+            if found is not None and read_meta(found)["step"] == best["step"]:
+                copy_checkpoint(found, self.out, best=True)
+
+    def progress_bar(self, end: int):
+        from tqdm.auto import tqdm
+
+        self.desc = f"train {self.cfg.preset}"
+        self.bar = tqdm(total=end, initial=self.step, disable=not (self.cfg.progress and self.main), desc=self.desc,
+                        unit="step")
+        return self.bar
+
+    def status(self, what: str | None) -> None:
+        """"validating" / "saving" beside the step count while it happens."""
+        self.bar.set_description(f"{self.desc} ({what})" if what else self.desc)
+
+    def optimizer_step(self) -> dict:
+        """One optimizer step: the global batch as grad_accum micro-batches, clip, AdamW (skipped on an fp16
+        overflow), the router bias update. Returns the step's record."""
+        cfg, model, t0 = self.cfg, self.model, time.perf_counter()
+        lr = cfg.lr_at(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        x, y = self.sampler.next()
+        sums = self._forward_backward(x, y)
+        if self.dp is not None:  # global mean loss, and the global expert load for the bias update below
+            sums = self.dp.reduce_step(sums, model)
+        self.scaler.unscale_(self.optimizer)  # the gradients' true values, for clipping and the logged norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        loads = [m.gate.step_load / m.gate.step_load.sum().clamp(min=1) for m in model.moe_layers()]
+        # one host sync per step (a GPU keeps running ahead otherwise): losses, gradient norm, expert loads
+        host = torch.cat([sums, grad_norm.reshape(1).float(), *loads]).cpu()
+        self._check_finite(host[0], host[5])
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)  # skipped when the gradients overflowed in fp16
+        self.scaler.update()  # ... and then the scale is lowered (it is raised after 2000 clean steps)
+        skipped = scale is not None and self.scaler.get_scale() < scale
+        self.optimizer.zero_grad(set_to_none=True)
+        load = host[6:].view(len(loads), -1).tolist() if loads else []
+        model.update_router_bias()  # b_i update (when bias_update_speed > 0); resets the step's counts
+        self.step += 1
+        if self.governor is not None:
+            self.governor.tick()  # fewer threads while another job shares the CPU cores
+        dt = time.perf_counter() - t0
+        loss, ce, aux, z, mtp = host[:5].tolist()
+        return {"step": self.step, "loss": loss, "ce": ce, "aux": aux, "z": z,
+                **_mtp_figures(model, mtp), "lr": lr, "grad_norm": host[5].item(),
+                **({"loss_scale": scale, "skipped_steps": self.history.skipped_steps + skipped}
+                   if scale is not None else {}),
+                "tokens_per_s": x.numel() * self.world / dt,
+                "elapsed": time.perf_counter() - self.t_start,
+                "expert_load": [[round(v, 5) for v in row] for row in load]}
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Gradients of the global batch's mean loss, micro-batch i = rows i::grad_accum; returns the mean
+        (loss, ce, aux, z, mtp)."""
+        accum, device, amp = self.cfg.grad_accum, self.device, self.amp
+        sums = torch.zeros(5, device=device)
+        for i in range(accum):
+            xb, yb = x[i::accum].to(device), y[i::accum].to(device)
+            last = i == accum - 1  # DDP all-reduces the accumulated gradients on the last one only
+            with contextlib.nullcontext() if self.dp is None or last else self.fwd.no_sync():
+                with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                    o = self.fwd(xb, yb, return_logits=False)  # fused chunked head + CE: no (B, T, vocab) logits
+                self.scaler.scale(o.loss / accum).backward()
+            sums += torch.stack([o.loss, o.ce_loss, o.aux_loss, o.z_loss, o.mtp_loss]).detach().float() / accum
+        return sums
+
+    def _check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Checked before the optimizer step: nothing is corrupted or saved. (fp16: the scaler skips a step whose
+        gradients overflowed; a non-finite loss still stops.)"""
+        last = f"Last good checkpoint: {self.history.checkpoint or 'none yet'}"
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {self.step + 1}; stopped without "
+                                     f"saving. {last}")
+        if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():
+            raise FloatingPointError(f"non-finite gradient norm at step {self.step + 1}; stopped without saving. "
+                                     f"{last}")
+
+    def record(self, rec: dict) -> None:
+        """Keep a step's record: History, metrics.jsonl and the progress bar (train CE, MTP CE, val CE)."""
+        self.history.train.append(rec)
+        self._append(rec | {"kind": "train"})
+        self.bar.update(1)
+        post = {"ce": f"{rec['ce']:.3f}", **({"mtp_ce": f"{rec['mtp_ce']:.3f}"} if "mtp_ce" in rec else {}),
+                "tok/s": f"{rec['tokens_per_s']:.0f}"}
+        if self.history.val:
+            post["val_ce"] = f"{self.history.val[-1]['val_loss']:.3f}"
+        self.bar.set_postfix(post, refresh=False)
+
+    def _append(self, rec: dict) -> None:
+        """One line onto metrics.jsonl (rank 0)."""
+        if not self.main:
+            return
+        try:
+            with self.metrics.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            raise RunWriteError(self._write_failed(self.metrics.name, e)) from None
+
+    def validate(self) -> bool:
+        """Validate at this step (once), keep a new best; True when early stopping says stop."""
+        history, cfg = self.history, self.cfg
+        if history.val and history.val[-1]["step"] == self.step:
+            return False
+        self.status("validating")
+        rows = max(cfg.batch_size, 16)  # no gradients to hold: at least 16 rows per forward
+        val_ce, load = evaluate(self.model, self.val_tok, rows, cfg.seq_len, cfg.eval_batches, self.amp)
+        rec = {"step": self.step, "val_ce": val_ce, "val_loss": val_ce, "expert_load": load}
+        history.val.append(rec)  # every rank evaluates (the same numbers) rather than idling at a barrier
+        self._append(rec | {"kind": "val"})
+        self.status(None)
+        if history.best is None or val_ce < history.best["val_loss"]:
+            history.best = {"step": self.step, "val_loss": val_ce}
+            self.save(best=True)
+        since = sum(r["step"] > history.best["step"] for r in history.val)  # validations without a new best
+        return cfg.early_stop > 0 and since >= cfg.early_stop
+
+    def save(self, best: bool = False) -> None:
+        """A checkpoint of this step (best=True: as <run>/best); a failed write leaves the earlier ones intact."""
+        self.status("saving")
+        meta = {"tokenizer": TOKENIZER_NAME, "train_config": self.cfg.to_dict(), "sampler": self.sampler.state_dict(),
+                "history": self.history.to_dict()}
+        if self.main:
+            try:
+                save_checkpoint(self.out, self.model, step=self.step, optimizer=self.optimizer, scaler=self.scaler,
+                                meta=meta, keep=self.cfg.keep, best=best)
+            except (OSError, SafetensorError) as e:  # (safetensors reports a full disk as its own error)
+                name = "best/" if best else checkpoint_dir(self.out, self.step).name
+                raise RunWriteError(self._write_failed(name, e)) from None
+        if not best:
+            self.history.checkpoint = str(checkpoint_dir(self.out, self.step))
+        if self.dp is not None:
+            self.dp.barrier()  # the checkpoint is complete before any rank moves on
+        self.status(None)
+
+    def _write_failed(self, what: str, e: Exception) -> str:
+        """One line: what could not be written and why, what is still on disk, how to go on."""
+        why = " ".join((getattr(e, "strerror", None) or str(e)).split())
+        kept = [p.name for p in list_checkpoints(self.out)[-1:]] + (["best/"] if best_checkpoint(self.out) else [])
+        return (f"could not write {what} in {self.out} at step {self.step}: {why}. The checkpoints saved before are "
+                f"intact ({', '.join(kept) or 'none yet'}); free some space, then resume from {self.out} "
+                "(resume=..., --resume)")
 
 
 # --- command line (`python -m dsv3 train`; registered in __main__.py) ---
@@ -545,12 +629,13 @@ def add_cli_args(p) -> None:
     p.add_argument("--save-interval", type=int, help=f"save every N steps, 0 = only at the end "
                    f"({per_preset('save_interval')})")
     p.add_argument("--keep", type=int, help=f"step checkpoints to keep, besides best/ (default: {d['keep']})")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"],
-                   help="autocast dtype; bf16 on CPU needs AMX/AVX512-BF16 (default: auto = bf16 on CUDA, else fp32)")
+    p.add_argument("--dtype", choices=list(DTYPES),
+                   help="autocast dtype; fp16 scales the loss (torch.amp.GradScaler); bf16 on CPU needs "
+                   "AMX/AVX512-BF16 (default: auto = bf16 where supported, fp16 on older CUDA GPUs, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--seed", type=int, help=f"seed for init and data order (default: {d['seed']})")
     p.add_argument("--corpus", help="UTF-8 text file (default: $DSV3_CORPUS, else Tiny Shakespeare)")
-    p.add_argument("--device", help="auto, cpu, cuda, ... (default: auto = cuda if available)")
+    p.add_argument("--device", help="auto, cpu, cuda, mps, ... (default: auto = cuda, else mps, else cpu)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core; 1 is faster on a "
                    "machine busy with other jobs)")
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
@@ -590,6 +675,9 @@ def cmd_train(args) -> int:
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (RunInUse, RunWriteError) as e:  # a run folder in use, a full disk: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except SettingError as e:  # name the flag, not the field: "--steps must be ...", "--set: dim must be ..."
         model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
         if e.names[0] in model_fields and e.names[0] not in flags:
@@ -597,13 +685,23 @@ def cmd_train(args) -> int:
         raise ValueError(e.named(flags.get)) from None
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports for the whole data-parallel run
+    print(summary(h))
+    return 130 if h.interrupted else 0
+
+
+def summary(h: History) -> str:
+    """The CLI's closing lines: each figure named for what it is (train CE beside val CE; the total as such)."""
     last, val = h.train[-1] if h.train else {}, h.val[-1] if h.val else {}
+    nan = float("nan")
     tps = [r["tokens_per_s"] for r in h.train[-50:]]
     how = "interrupted" if h.interrupted else "stopped early" if h.stopped_early else "done"
-    print(f"{how}: step {val.get('step')}, "
-          f"{sum(tps) / max(1, len(tps)):.0f} tokens/s (last {len(tps)} steps), "
-          f"train loss {last.get('loss', float('nan')):.4f}, val loss {val.get('val_loss', float('nan')):.4f}, "
-          f"max/mean expert load {max(h.max_over_mean_load(), default=1.0):.2f}, checkpoint {h.checkpoint}")
+    mtp = (f"MTP CE {last['mtp_ce']:.4f}, " if "mtp_ce" in last else "")
+    terms = "CE + aux + z" + (" + weighted MTP CE" if "mtp" in last else "")
+    skipped = f"{h.skipped_steps} steps skipped on fp16 overflow, " if "skipped_steps" in last else ""
+    lines = [f"{how}: step {val.get('step')}, train CE {last.get('ce', nan):.4f}, "
+             f"val CE {val.get('val_loss', nan):.4f}, {mtp}total loss {last.get('loss', nan):.4f} ({terms}), "
+             f"{sum(tps) / max(1, len(tps)):.0f} tokens/s (last {len(tps)} steps), {skipped}"
+             f"max/mean expert load {max(h.max_over_mean_load(), default=1.0):.2f}, checkpoint {h.checkpoint}"]
     if h.best:
-        print(f"best: step {h.best_step}, val loss {h.best_val_loss:.4f}, checkpoint {Path(h.run_dir) / 'best'}")
-    return 130 if h.interrupted else 0
+        lines.append(f"best: step {h.best_step}, val CE {h.best_val_loss:.4f}, checkpoint {Path(h.run_dir) / 'best'}")
+    return "\n".join(lines)

@@ -194,3 +194,26 @@ def test_a_kill_between_the_two_renames_of_a_resave_is_undone(tmp_path):
     save_checkpoint(tmp_path, model, step=2, optimizer=opt)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "step_000002"]
     assert load_state(tmp_path / "best")["step"] == 1
+
+
+def test_run_lock_refuses_a_second_holder_and_a_crash_does_not_leave_it_stuck(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from dsv3.checkpoint import RunInUse, run_lock
+
+    with run_lock(tmp_path):
+        with pytest.raises(RunInUse, match=rf"^run folder {tmp_path} is in use by another training \(pid "
+                                            rf"{os.getpid()}\); wait for it to end, or train into another folder"):
+            with run_lock(tmp_path):
+                pass  # (a second holder in the same process, as two threads of one notebook kernel)
+    with run_lock(tmp_path):  # released at the end of the block
+        pass
+    code = ("import os, signal, sys; from dsv3.checkpoint import run_lock\n"
+            "with run_lock(sys.argv[1]):\n    os.kill(os.getpid(), signal.SIGKILL)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr  # killed while holding the lock ...
+    with run_lock(tmp_path):  # ... and the kernel released it
+        pass

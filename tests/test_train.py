@@ -76,6 +76,24 @@ def test_loss_decreases_on_tiny_shakespeare(tmp_path):
     assert dsv3.train.__module__ == "dsv3.train" and h.model is not None and not h.model.training
 
 
+def test_figures_are_named_for_what_they_are(tmp_path):
+    """train CE, val CE and the MTP cross-entropy each under its own name; the total only as `loss`."""
+    h = run(tmp_path, steps=2, eval_interval=2, model_overrides={**FAST, "n_mtp_layers": 1})
+    first, val = h.train[0], h.val[-1]
+    assert first["ce"] == pytest.approx(math.log(50257), rel=0.02)  # at init every head is near-uniform
+    assert first["mtp_ce"] == pytest.approx(math.log(50257), rel=0.02)  # the MTP CE, not 0.3 x it
+    assert first["loss"] == pytest.approx(first["ce"] + first["aux"] + first["z"] + 0.3 * first["mtp_ce"], rel=1e-5)
+    assert val["val_ce"] == val["val_loss"] and h.best_val_loss == val["val_ce"]
+    text = train_module.summary(h)
+    assert f"train CE {h.train[-1]['ce']:.4f}, val CE {val['val_ce']:.4f}, MTP CE {h.train[-1]['mtp_ce']:.4f}, " \
+           f"total loss {h.train[-1]['loss']:.4f} (CE + aux + z + weighted MTP CE)" in text
+    # a metrics.jsonl written before val_ce existed still reads (plots and the notebooks take val_loss)
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({"step": 1, "loss": 9.0, "ce": 8.9, "kind": "train"}) + "\n" +
+                   json.dumps({"step": 1, "val_loss": 8.5, "kind": "val"}) + "\n")
+    assert dsv3.History.from_jsonl(old).best == {"step": 1, "val_loss": 8.5}
+
+
 def test_resume_is_bitwise_exact(tmp_path):
     kw = dict(grad_accum=2, decay_steps=10)  # accumulation, router bias and optimizer all in play
     full = run(tmp_path / "full", steps=10, **kw)
@@ -132,8 +150,11 @@ def test_cli_end_to_end(tmp_path):
     p = _cli("--preset", "tiny", "--steps", "4", "--out", str(out), *common, *FAST_ARGS)
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr
-    assert stdout.startswith("done: step 4,") and "val loss" in stdout and "tokens/s" in stdout
-    assert f"best: step 4, val loss {dsv3.History.from_jsonl(out / 'metrics.jsonl').best_val_loss:.4f}" in stdout
+    h = dsv3.History.from_jsonl(out / "metrics.jsonl")
+    assert stdout.startswith(f"done: step 4, train CE {h.train[-1]['ce']:.4f}, val CE {h.val[-1]['val_ce']:.4f}, "
+                             f"total loss {h.train[-1]['loss']:.4f} (CE + aux + z), ") and "tokens/s" in stdout
+    assert f"best: step 4, val CE {h.best_val_loss:.4f}" in stdout
+    assert "training on cpu, fp32" not in stderr  # (--no-progress: nothing on stderr)
     p = _cli("--resume", str(out), "--steps", "2", *common)
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr
@@ -159,6 +180,65 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert err.startswith("error: run folder") and "already holds checkpoints" in err and err.count("\n") == 1
     assert main(["train", "--resume", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_second_training_on_a_run_folder_is_refused_while_the_first_runs(tmp_path, capsys):
+    from dsv3.__main__ import main
+    from dsv3.checkpoint import RunInUse
+
+    out = tmp_path / "run"
+    common = ["--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--no-progress"]
+    first = _cli("--preset", "tiny", "--steps", "100000", "--save-interval", "2", "--out", str(out), *common,
+                 *FAST_ARGS)
+    _wait_for_checkpoint(first, out)
+    try:  # a CLI run and a notebook beside it, each told in one line
+        second = _cli("--resume", str(out), "--steps", "1", *common)
+        _, stderr = second.communicate(timeout=120)
+        assert second.returncode == 2 and stderr == (f"error: run folder {out} is in use by another training (pid "
+                                                     f"{first.pid}); wait for it to end, or train into another "
+                                                     "folder (out=..., --out)\n")
+        assert main(["train", "--preset", "tiny", "--overwrite", "--out", str(out), *common, *FAST_ARGS]) == 2
+        assert "is in use by another training" in capsys.readouterr().err  # (--overwrite deletes nothing)
+        with pytest.raises(RunInUse):
+            dsv3.train(resume=out, steps=1, progress=False)
+    finally:
+        first.send_signal(signal.SIGKILL)  # a crash: the lock goes with the process
+        first.wait()
+    step = dsv3.load_checkpoint(out, with_state=True)[1]["step"]
+    assert dsv3.train(resume=out, steps=1, progress=False).column("step")[-1] == step + 1
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from dsv3.__main__ import main
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):  # the step-4 checkpoint's state.pt: half written, then the disk is full
+        if "step_000004" in str(f):
+            Path(f).write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **k)
+
+    out, kw = tmp_path / "run", dict(steps=6, eval_interval=2, save_interval=2, keep=5)
+    full = run(tmp_path / "full", **kw)
+    monkeypatch.setattr(torch, "save", full_disk)
+    args = ["--preset", "tiny", "--out", str(out), "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3",
+            "--warmup", "2", "--threads", "1", "--eval-batches", "2", "--no-progress", *FAST_ARGS]
+    assert main(["train", *args, *(f"--{k.replace('_', '-')}={v}" for k, v in kw.items())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: could not write step_000004 in {out} at step 4: No space left on device. The "
+                          "checkpoints saved before are intact (step_000002, best/); free some space, then resume "
+                          f"from {out}") and err.count("\n") == 1
+    assert [p.name for p in list_checkpoints(out)] == ["step_000002"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the half-written folder is gone
+    dsv3.load_checkpoint(out, best=True, with_state=True)  # best/ loads
+    monkeypatch.setattr(torch, "save", real_save)  # space is back
+    resumed = dsv3.train(resume=out, steps=4, progress=False)
+    for key in ("step", "loss", "grad_norm"):
+        assert resumed.column(key) == full.column(key), key  # as if the disk had never filled
+    assert resumed.column("val_loss", "val") == full.column("val_loss", "val")
 
 
 @pytest.mark.slow

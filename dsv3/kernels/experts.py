@@ -8,7 +8,8 @@ Which variant runs:
   bf16 elsewhere          `_grouped_swiglu` (also under torch.compile: one graph for every block)
   fp32, CPU, training     `KeptGradSwiGLU`: grouped_mm with the backward written out, the weight gradients in
                           kept buffers (buffers.workspace) instead of fresh ones
-  CPU inference           `_looped_swiglu`: one matmul per expert that received rows (decoding touches k of N)
+  CPU inference, and MPS  `_looped_swiglu`: one matmul per expert that received rows (decoding touches k of N;
+                          MPS has no grouped_mm)
 The gate multiplies each row's hidden activation before w2 (the same product as scaling the output, w2 being
 linear, and a third of the work). tests/kernels/test_experts.py checks values and gradients against the reference.
 """
@@ -23,6 +24,7 @@ from . import replaces
 from .buffers import KeptGradCast, workspace
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+GROUPED_MM_DEVICES = ("cpu", "cuda")  # where torch has grouped_mm kernels; elsewhere (MPS) one matmul per expert
 
 
 @replaces(moe.routed_experts)
@@ -35,20 +37,21 @@ def sorted_dispatch(experts, x: torch.Tensor, indices: torch.Tensor, gates: torc
     w1, w2, w3 = experts.w1, experts.w2, experts.w3
     dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     cpu = x.device.type == "cpu"
+    grouped = _HAS_GROUPED_MM and x.device.type in GROUPED_MM_DEVICES
     if dt != w1.dtype:  # grouped_mm is not on autocast's list; the CPU trains with kept weight gradients
         kept = cpu and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         cast = KeptGradCast.apply if kept else (lambda w, d: w.to(d))
         w1, w2, w3 = cast(w1, dt), cast(w2, dt), cast(w3, dt)
     g = gates.reshape(-1)[order].unsqueeze(-1).to(dt)  # each sorted pair's gate g_i,t
-    if cpu and _HAS_GROUPED_MM and dt == torch.bfloat16 and torch.is_grad_enabled():
+    if cpu and grouped and dt == torch.bfloat16 and torch.is_grad_enabled():
         ys = _padded_grouped_swiglu(x.to(dt), token, w1, w2, w3, load, g)
     else:
         xs = x.index_select(0, token).to(dt)  # backward: index_add_, faster on CPU than x[token]'s index_put
         if cpu and not torch.is_grad_enabled():  # inference: CPU grouped_mm visits empty experts too
             ys = _looped_swiglu(xs, w1, w2, w3, load, g)
-        elif _HAS_GROUPED_MM and dt == torch.bfloat16:
+        elif grouped and dt == torch.bfloat16:
             ys = _grouped_swiglu(xs, w1, w2, w3, load, g)
-        elif _HAS_GROUPED_MM and cpu:  # fp32: weight gradients into kept buffers
+        elif grouped and cpu:  # fp32: weight gradients into kept buffers
             ys = _kept_grad_swiglu(xs, w1, w2, w3, load, g)
         else:
             ys = _looped_swiglu(xs, w1, w2, w3, load, g)
