@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 import tempfile
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -82,13 +84,15 @@ def _sha256(path: Path) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write beside `path`, then rename: readers see the old file or the whole new one. open() (not mkstemp, which
+    makes 0600) gives the file the user's umask mode."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -157,10 +161,9 @@ def load_tokens(path: str | os.PathLike | None = None) -> np.ndarray:
     ids = np.asarray(get_tokenizer().encode_ordinary(text), dtype=np.uint16)  # vocab 50,257 < 2**16
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".npy")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, ids)
-        os.replace(tmp, cache)
+        buf = io.BytesIO()
+        np.save(buf, ids)
+        _atomic_write(cache, buf.getvalue())
     except OSError:
         pass  # caching is an optimisation; an unwritable cache only costs re-tokenizing
     return ids
