@@ -57,8 +57,9 @@ chromium:
 
 test: chromium unit nbval
 
+# As root (containers, Colab) Jupyter refuses to start without --allow-root.
 lab: $(STAMP)
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab notebooks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 # The playground web app (notebook 05's widget alone, served by Voila) on http://127.0.0.1:7860 for the runs in
 # checkpoints/. One kernel per visitor: at most as many as the free memory holds (it prints the number), then a
