@@ -524,7 +524,10 @@ def _max_new_tokens(text: str) -> int | None:
 def _flagged(e: ValueError) -> str:
     """The message with the parameter it starts with named as its flag: "--top-p must be in (0, 1] ..."."""
     flags = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
-    return SettingError(str(e)).named(lambda n: f"--{n.replace('_', '-')}" if n in flags else None)
+    msg = SettingError(str(e)).named(lambda n: f"--{n.replace('_', '-')}" if n in flags else None)
+    if msg.startswith("--max-new-tokens must"):
+        msg += " (leave --max-new-tokens out to fill the context)"
+    return msg
 
 
 def _load_cli_model(args, device: str) -> DeepSeekV3:

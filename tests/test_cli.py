@@ -169,7 +169,8 @@ LONG = " the" * 300  # > tiny's 256-token context
     (["generate", "--checkpoint", "RUN", "--top-p", "2"], "--top-p must be in (0, 1]"),
     (["generate", "--checkpoint", "RUN", "--max-new-tokens", "-3"], "--max-new-tokens must be an int in [0, "),
     (["generate", "--checkpoint", "RUN", "--prompt", "ROMEO:", "--max-new-tokens", "254"],
-     "--max-new-tokens must be an int in [0, max_seq_len - prompt tokens = 256 - 3 = 253], got 254"),
+     "--max-new-tokens must be an int in [0, max_seq_len - prompt tokens = 256 - 3 = 253], got 254 (leave "
+     "--max-new-tokens out to fill the context)"),
     (["generate", "--checkpoint", "RUN", "--prompt", LONG], "--prompt is 300 tokens; it must be at most"),
     (["generate", "--checkpoint", "RUN", "--seed", "-1"], "--seed must be"),
     (["generate", "--checkpoint", "RUN", "--threads", "0"], "--threads must be >= 1"),
