@@ -34,8 +34,11 @@ def cmd_info(args) -> int:
     elif args.checkpoint is not None:  # the config a trained checkpoint was saved with; no weights are read
         from .checkpoint import read_meta, resolve_checkpoint
 
-        ckpt = resolve_checkpoint(args.checkpoint, best=args.best)
-        cfg, name = ModelConfig.from_dict(read_meta(ckpt)["config"]), f"checkpoint {ckpt}"
+        try:
+            ckpt = resolve_checkpoint(args.checkpoint, best=args.best)
+            cfg, name = ModelConfig.from_dict(read_meta(ckpt)["config"]), f"checkpoint {ckpt}"
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"--checkpoint: {e}") from None
     else:
         cfg = ModelConfig.preset(args.preset, **({"n_mtp_layers": args.mtp_layers} if args.mtp_layers else {}))
         name = f"preset {args.preset}"
