@@ -57,12 +57,13 @@ chromium:
 
 test: chromium unit nbval
 
+# As root (containers, Colab) Jupyter refuses to start without --allow-root.
 lab: $(STAMP)
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab notebooks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 # The playground web app (notebook 05's widget alone, served by Voila) on http://127.0.0.1:7860 for the runs in
-# checkpoints/. One kernel per visitor: at most as many as the free memory holds (it prints the number), then a
-# "busy" page; closed pages' kernels end after 30 s idle. E.g. make playground PLAYGROUND_ARGS="--max-kernels 5".
+# checkpoints/. One kernel per visitor: at most as many as the free memory holds and 2 per core (it prints the
+# number), then a "busy" page; closed pages' kernels end after 30 s idle. E.g. make playground PLAYGROUND_ARGS="--max-kernels 5".
 PLAYGROUND_ARGS ?=
 playground: $(STAMP)
 	$(BIN)/python -m dsv3.playground_server --checkpoints checkpoints --port 7860 $(PLAYGROUND_ARGS)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,10 +26,20 @@ def cmd_info(args) -> int:
     from .config import ModelConfig
     from .model import DeepSeekV3, count_params
 
+    if args.hf is not None and args.checkpoint is not None:
+        raise ValueError("give --hf or --checkpoint, not both")
     if args.hf is not None:
         from .hf import hf_model_config
 
         cfg, name = hf_model_config(args.hf), f"hf {args.hf}"
+    elif args.checkpoint is not None:  # the config a trained checkpoint was saved with; no weights are read
+        from .checkpoint import read_meta, resolve_checkpoint
+
+        try:
+            ckpt = resolve_checkpoint(args.checkpoint, best=args.best)
+            cfg, name = ModelConfig.from_dict(read_meta(ckpt)["config"]), f"checkpoint {ckpt}"
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"--checkpoint: {e}") from None
     else:
         cfg = ModelConfig.preset(args.preset, **({"n_mtp_layers": args.mtp_layers} if args.mtp_layers else {}))
         name = f"preset {args.preset}"
@@ -39,7 +50,8 @@ def cmd_info(args) -> int:
              "cache_bytes_per_token_bf16": cfg.cache_values_per_token * cfg.n_layers * 2,
              "weight_bytes_bf16": 2 * counts["total"]}
     if args.json:
-        source = {"hf": str(args.hf)} if args.hf is not None else {"preset": args.preset}
+        source = {"hf": str(args.hf)} if args.hf is not None else \
+            {"checkpoint": name.split(" ", 1)[1]} if args.checkpoint is not None else {"preset": args.preset}
         print(json.dumps({**source, "config": cfg.to_dict(), "params": counts, **cache}, indent=2))
         return 0
     print(name)
@@ -70,18 +82,28 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's errors in one line, like every other bad input (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
+    from .train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="python -m dsv3", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+    parser = Parser(prog="python -m dsv3", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_parser = sub.add_parser
     sub.add_parser = lambda *a, **k: _add_parser(*a, formatter_class=HelpFormatter, **k)
     p = sub.add_parser("info", help="print a preset's config and parameter counts")
-    p.add_argument("--preset", default="174m", choices=list(PRESETS), help="model preset")
+    p.add_argument("--preset", default=TrainConfig.preset, choices=list(PRESETS), help="model preset (as train's)")
     p.add_argument("--hf", metavar="PATH", default=None, help="a transformers model folder instead of a preset "
                    "(its config.json is enough) (default: none, use --preset)")
+    p.add_argument("--checkpoint", metavar="PATH", default=None, help="a trained checkpoint or run folder (its "
+                   "newest) instead of a preset: the config it was saved with (default: none, use --preset)")
+    p.add_argument("--best", action="store_true", help="with --checkpoint: the run's best/ instead of its newest")
     p.add_argument("--json", action="store_true", help="machine-readable output (the full config)")
     p.add_argument("--mtp-layers", type=int, default=0, metavar="D",
                    help="count D multi-token prediction modules too (as `train --mtp-layers D` builds)")
@@ -142,9 +164,15 @@ def main(argv: list[str] | None = None) -> int:
 
         kernels.set_enabled(False)  # the reference model for this whole run
     try:
+        from .devices import check_device
+
+        check_device(getattr(args, "device", None))
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except BrokenPipeError:  # `... | head` closed our stdout: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (ValueError, OSError) as e:  # bad input, a missing file (data.MissingFile: offline), an unwritable folder
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

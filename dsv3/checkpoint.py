@@ -87,6 +87,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask_mode(*paths: Path) -> None:
+    """Give files and folders written under temporary names (mkdtemp makes 0700, safetensors writes 0600) the
+    mode a plain open() or mkdir() would have: 0666 / 0777 minus the user's umask."""
+    mask = os.umask(0o22)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    for p in paths:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def is_complete(path: str | os.PathLike) -> bool:
     """Whether `path` is a checkpoint folder holding all of its files."""
     path = Path(path)
@@ -177,6 +186,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekV3, *, step: int,
         for f in tmp.iterdir():  # data on disk before the rename makes it visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        umask_mode(tmp, *tmp.iterdir())
         if final.exists():  # re-saving (best, or a step again): swap it out; clean_leftovers undoes a half swap
             old = run_dir / f".old-{final.name}"
             os.rename(final, old)
@@ -209,6 +219,7 @@ def copy_checkpoint(src: str | os.PathLike, run_dir: str | os.PathLike, *, best:
             shutil.copyfile(src / f, tmp / f)
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
+        umask_mode(tmp, *tmp.iterdir())
         os.rename(tmp, final)
         _fsync_dir(run_dir)
     except BaseException:

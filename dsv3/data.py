@@ -1,6 +1,9 @@
 """Tokenizer and corpus: the GPT-2 BPE (tiktoken r50k_base), Tiny Shakespeare, the split, the sampler.
 
 - `get_tokenizer()`: the r50k_base encoding (50,257 tokens, <|endoftext|> = 50256).
+- `MissingFile`: a file dsv3 needs (the tokenizer's BPE file, the corpus) is neither on disk nor downloadable; one
+  line saying what and how to fix it (the CLI prints it and exits 2; Jupyter shows it without a traceback), and
+  `check_setup()` raises it up front (the notebooks' first cell).
 - `corpus_path()` / `download_tiny_shakespeare()`: a local text file (argument, else $DSV3_CORPUS), else
   Tiny Shakespeare downloaded once into the cache folder ($DSV3_DATA_DIR, default ~/.cache/dsv3) and
   checked against its sha256.
@@ -17,9 +20,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 import tempfile
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -29,21 +34,43 @@ TOKENIZER_NAME = "r50k_base"  # the GPT-2 vocabulary: 50,257 tokens
 EOT = 50256  # <|endoftext|>
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TOKENIZER_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"  # where tiktoken gets it
+
+
+class MissingFile(FileNotFoundError):
+    """A file dsv3 needs is neither on disk nor downloadable. The message is one line: what is missing and the fix."""
+
+    def _render_traceback_(self) -> list[str]:  # IPython/Jupyter show this instead of a traceback
+        return [f"{type(self).__name__}: {self}"]
 
 
 @functools.cache
 def get_tokenizer(name: str = TOKENIZER_NAME):
-    """The tiktoken encoding; offline it needs TIKTOKEN_CACHE_DIR pointing at a folder holding the BPE file."""
+    """The tiktoken encoding. tiktoken downloads its BPE file once into $TIKTOKEN_CACHE_DIR (default: the temp
+    folder's data-gym-cache/) under the SHA-1 of its URL; offline, without that file, this raises `MissingFile`."""
     import tiktoken
 
     try:
         return tiktoken.get_encoding(name)
-    except Exception as e:  # tiktoken raises requests/IO errors when the download fails
-        raise RuntimeError(
-            f"could not load the {name!r} tokenizer ({type(e).__name__}: {e}). Without internet, set "
-            "TIKTOKEN_CACHE_DIR to a folder that holds tiktoken's cached BPE file for it "
-            f"(currently TIKTOKEN_CACHE_DIR={os.environ.get('TIKTOKEN_CACHE_DIR')!r})."
-        ) from e
+    except OSError as e:  # requests' errors are OSErrors: no network, a proxy refusing, a DNS failure
+        if name != TOKENIZER_NAME:
+            raise
+        folder = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+            os.path.join(tempfile.gettempdir(), "data-gym-cache")
+        key = hashlib.sha1(TOKENIZER_URL.encode()).hexdigest()
+        raise MissingFile(
+            f"the GPT-2 tokenizer file (tiktoken {name}) is not in {folder} and could not be downloaded "
+            f"({type(e).__name__}); fix: connect to the internet once (tiktoken caches it), or set "
+            f"TIKTOKEN_CACHE_DIR to a folder holding {TOKENIZER_URL} saved under the name {key} (its URL's SHA-1)"
+        ) from None
+
+
+def check_setup(corpus: bool = True) -> None:
+    """Raise `MissingFile` (one line) now if the tokenizer, or with corpus=True the training text, is missing and
+    cannot be downloaded: the notebooks call it first, so an offline machine is told before any work starts."""
+    get_tokenizer()
+    if corpus:
+        read_corpus(corpus_path())
 
 
 # --- corpus ---
@@ -57,13 +84,15 @@ def _sha256(path: Path) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write beside `path`, then rename: readers see the old file or the whole new one. open() (not mkstemp, which
+    makes 0600) gives the file the user's umask mode."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -77,10 +106,12 @@ def download_tiny_shakespeare(url: str = TINY_SHAKESPEARE_URL) -> Path:
         with urllib.request.urlopen(url, timeout=60) as r:
             data = r.read()
     except OSError as e:
-        raise FileNotFoundError(
-            f"could not download Tiny Shakespeare from {url} ({e}); without internet, pass a corpus path "
-            "or set DSV3_CORPUS to a local text file"
-        ) from e
+        reason = getattr(e, "reason", None) or e  # urllib's URLError wraps the socket error
+        raise MissingFile(
+            f"the corpus (Tiny Shakespeare) is not in {path.parent} and could not be downloaded from {url} "
+            f"({' '.join(str(reason).split())}); fix: connect to the internet once (it is saved there), or set "
+            "DSV3_CORPUS (or pass --corpus) to a local UTF-8 text file, e.g. that URL's input.txt"
+        ) from None
     got = hashlib.sha256(data).hexdigest()
     if got != TINY_SHAKESPEARE_SHA256:
         raise ValueError(f"downloaded {url} has sha256 {got}, expected {TINY_SHAKESPEARE_SHA256}; not saved")
@@ -98,7 +129,7 @@ def read_corpus(path: str | os.PathLike) -> str:
     """The text of a UTF-8 file; a missing, empty, binary or non-UTF-8 file raises an error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"corpus file {path} does not exist (or is not a file)")
+        raise MissingFile(f"corpus file {path} does not exist (or is not a file)")
     data = path.read_bytes()
     if not data.strip():
         raise ValueError(f"corpus file {path} is empty")
@@ -130,10 +161,9 @@ def load_tokens(path: str | os.PathLike | None = None) -> np.ndarray:
     ids = np.asarray(get_tokenizer().encode_ordinary(text), dtype=np.uint16)  # vocab 50,257 < 2**16
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".npy")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, ids)
-        os.replace(tmp, cache)
+        buf = io.BytesIO()
+        np.save(buf, ids)
+        _atomic_write(cache, buf.getvalue())
     except OSError:
         pass  # caching is an optimisation; an unwritable cache only costs re-tokenizing
     return ids

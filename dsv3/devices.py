@@ -32,6 +32,20 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return torch.device(name)
 
 
+def check_device(name: str | None) -> None:
+    """A --device value torch cannot parse or this machine does not have: one line now, not a traceback later."""
+    if name in (None, "auto"):
+        return
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    have = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps_available()}
+    if not have.get(kind, True):
+        raise ValueError(f"--device {name}: this machine (or this torch build) has no {kind.upper()} device; "
+                         "use --device cpu")
+
+
 def describe(device: torch.device) -> str:
     """The device in words for a one-line report: "cuda (NVIDIA T4)", "mps (Apple GPU)", "cpu"."""
     if device.type == "cuda":

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import umask_mode
 from .config import ModelConfig
 from .model import DeepSeekV3
 from .names import hf_weights, latent_scale
@@ -171,6 +172,7 @@ def export_hf(model: DeepSeekV3, out_dir: str | Path) -> Path:
     with torch.no_grad():
         tensors = hf_state_dict(model)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    umask_mode(out / "model.safetensors")  # safetensors writes 0600
     config.save_pretrained(out)
     eot = config.eos_token_id
     transformers.GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot).save_pretrained(out)

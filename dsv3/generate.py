@@ -25,9 +25,12 @@ Deliberately not here: beam search, repetition penalties, the checkpoint format.
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import math
 import numbers
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -482,7 +485,9 @@ def add_cli_args(p) -> None:
     p.add_argument("--prompt-ids", default=None, metavar="IDS",
                    help="token ids to continue, comma- or space-separated (instead of --prompt); prints the "
                         "generated ids, all --max-new-tokens of them (no tokenizer needed) (default: none)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
+    p.add_argument("--max-new-tokens", type=_max_new_tokens, default=None, metavar="N",
+                   help="tokens to generate at most (default: fill, up to the end of the model's context: "
+                        "max_seq_len - prompt tokens)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
@@ -507,16 +512,117 @@ def add_cli_args(p) -> None:
     p.add_argument("--no-kernels", action="store_true", help="run the plain reference model (dsv3.kernels off)")
 
 
+def _max_new_tokens(text: str) -> int | None:
+    """--max-new-tokens: an int, or "fill" (None: up to the end of the context)."""
+    if text == "fill":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int or 'fill', got {text!r}") from None
+
+
 def _flagged(e: ValueError) -> str:
     """The message with the parameter it starts with named as its flag: "--top-p must be in (0, 1] ..."."""
     flags = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
-    return SettingError(str(e)).named(lambda n: f"--{n.replace('_', '-')}" if n in flags else None)
+    msg = SettingError(str(e)).named(lambda n: f"--{n.replace('_', '-')}" if n in flags else None)
+    if msg.startswith("--max-new-tokens must"):
+        msg += " (leave --max-new-tokens out to fill the context)"
+    return msg
+
+
+def _load_cli_model(args, device: str) -> DeepSeekV3:
+    """The model of --checkpoint or --hf; every failure is one ValueError / FileNotFoundError naming the flag."""
+    from .checkpoint import load_checkpoint
+
+    flag, source = ("--hf", args.hf) if args.hf is not None else ("--checkpoint", args.checkpoint)
+    try:
+        if args.hf is not None:
+            from .hf import from_hf
+
+            return from_hf(args.hf, dtype=args.dtype, device=device)
+        return load_checkpoint(args.checkpoint, map_location=device, best=getattr(args, "best", False))
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"{flag}: {' '.join(str(e).split())}") from None
+    except Exception as e:  # unreadable in some other way: still one line, never a stack trace
+        raise ValueError(f"{flag} {source}: could not load it ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())})") from None
+
+
+def _prompt_ids(args, model) -> list[int]:
+    """The prompt's token ids: --prompt-ids as given, else --prompt through the model's tokenizer (as `generate`
+    tokenizes it: its bos id first, an empty prompt is <|endoftext|>)."""
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise ValueError(f"--prompt-ids must be integers separated by commas or spaces, got {args.prompt_ids!r}") \
+                from None
+        if not ids:
+            raise ValueError("--prompt-ids is empty")
+        return ids
+    if getattr(model, "tokenizer", True) is None:
+        raise ValueError(f"--hf {args.hf} has no tokenizer.json, so --prompt cannot be tokenized: give token ids "
+                         "with --prompt-ids (e.g. --prompt-ids 1,450,3681)")
+    enc, eot, bos = _text_codec(model)
+    return ([] if bos is None else [bos]) + enc.encode_ordinary(args.prompt) or [eot if eot is not None else 0]
+
+
+def _report(args, model, n_new: int, seconds: float, finish: str, drafted: int = 0, accepted: int = 0) -> str:
+    """generate's line on stderr: tokens, tokens/s (prefill included, as the playground counts), why it stopped,
+    and with --speculative the drafts accepted."""
+    rate = f"{n_new / seconds:.1f}" if seconds > 0 else "-"
+    line = f"{n_new} token{'s' * (n_new != 1)} in {seconds:.2f} s, {rate} tokens/s"
+    if finish == "length":
+        line += (f"; stopped at the end of the context (max_seq_len {model.cfg.max_seq_len} tokens)"
+                 if args.max_new_tokens is None
+                 else f"; stopped at --max-new-tokens {args.max_new_tokens}")
+    elif finish in ("eot", "stop"):
+        line += "; stopped at <|endoftext|>" if finish == "eot" else "; stopped at a --stop string"
+    if args.speculative:
+        line += f"; drafts accepted {accepted}/{drafted}"
+        line += f" ({accepted / drafted:.1%})" if drafted else ""
+    return line
+
+
+def _run_ids(args, model, ids: list[int], max_new: int) -> tuple[int, int, int]:
+    """--prompt-ids: print the generated ids; return (tokens, drafted, accepted)."""
+    device = model.embed.weight.device
+    drafts = [] if args.speculative else None
+    try:
+        steps = generate_tokens(model, torch.tensor([ids], device=device), max_new, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, cache=args.cache,
+                                compile=args.compile, speculative=args.speculative, drafts=drafts)
+    except ValueError as e:
+        raise ValueError(_flagged(e)) from None
+    out = [int(t) for t in steps]
+    print(" ".join(map(str, out)))
+    pairs = [(int(d[0]), t) for d, t in zip(drafts, out, strict=True) if d[0] >= 0] if drafts is not None else []
+    return len(out), len(pairs), sum(d == t for d, t in pairs)
+
+
+def _run_text(args, model, max_new: int):
+    """--prompt: print the prompt and its continuation (with --stream piece by piece, each once it is valid UTF-8
+    and cannot begin a --stop string); return the Generation."""
+    shown = None  # with --stream: how much of the continuation is printed (None: not even the prompt yet)
+
+    def on_text(text: str) -> None:
+        nonlocal shown
+        sys.stdout.write(text[shown:] if shown is not None else args.prompt + text)
+        sys.stdout.flush()
+        shown = len(text)
+
+    try:  # every argument is checked before the first piece is printed
+        g = generate(model, args.prompt, max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                     seed=args.seed, stop=args.stop, cache=args.cache, compile=args.compile, return_trace=True,
+                     speculative=args.speculative, on_text=on_text if args.stream else None)
+    except ValueError as e:
+        raise ValueError(_flagged(e)) from None
+    print(g.text[shown:] if shown is not None else args.prompt + g.text)
+    return g
 
 
 def cmd_generate(args) -> int:
-    import sys
-
-    from .checkpoint import load_checkpoint
     from .devices import resolve_device
 
     device = resolve_device(args.device)
@@ -526,51 +632,17 @@ def cmd_generate(args) -> int:
         fix_threads(args.threads)  # the user's choice: not governed
     if args.dtype is not None and args.hf is None:
         raise ValueError("--dtype goes with --hf (it sets the dtype of the imported weights)")
-    flag, source = ("--hf", args.hf) if args.hf is not None else ("--checkpoint", args.checkpoint)
-    try:
-        if args.hf is not None:
-            from .hf import from_hf
-
-            model = from_hf(args.hf, dtype=args.dtype, device=device)
-        else:
-            model = load_checkpoint(args.checkpoint, map_location=device, best=getattr(args, "best", False))
-    except (ValueError, FileNotFoundError) as e:
-        raise type(e)(f"{flag}: {' '.join(str(e).split())}") from None
-    except Exception as e:  # unreadable in some other way: still one line, never a stack trace
-        raise ValueError(f"{flag} {source}: could not load it ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())})") from None
+    model = _load_cli_model(args, device)
+    ids = _prompt_ids(args, model)
+    # "fill" (the default): up to the end of the context; a prompt that is already too long is refused below
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else max(0, model.cfg.max_seq_len - len(ids))
+    start = time.perf_counter()
     if args.prompt_ids is not None:
-        try:
-            ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
-        except ValueError:
-            raise ValueError(f"--prompt-ids must be integers separated by commas or spaces, got {args.prompt_ids!r}") \
-                from None
-        if not ids:
-            raise ValueError("--prompt-ids is empty")
-        try:
-            steps = generate_tokens(model, torch.tensor([ids], device=device), args.max_new_tokens,
-                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                                    cache=args.cache, compile=args.compile)
-        except ValueError as e:
-            raise ValueError(_flagged(e)) from None
-        print(" ".join(str(int(t)) for t in steps))
-        return 0
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-              top_p=args.top_p, seed=args.seed, stop=args.stop, cache=args.cache, compile=args.compile,
-              speculative=args.speculative)
-    try:
-        if args.stream:
-            pieces = stream(model, args.prompt, **kw)  # checks the arguments before printing anything
-        else:
-            text = generate(model, args.prompt, **kw)
-    except ValueError as e:
-        raise ValueError(_flagged(e)) from None
-    if args.stream:
-        sys.stdout.write(args.prompt)
-        for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        n_new, drafted, accepted = _run_ids(args, model, ids, max_new)
+        finish = "length"
     else:
-        print(args.prompt + text)
+        g = _run_text(args, model, max_new)
+        n_new, finish = len(g.tokens) - g.n_prompt, g.finish_reason
+        drafted, accepted = (g.drafted, g.accepted) if args.speculative else (0, 0)
+    print(_report(args, model, n_new, time.perf_counter() - start, finish, drafted, accepted), file=sys.stderr)
     return 0

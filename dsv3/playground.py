@@ -2,14 +2,16 @@
 web page by `python -m dsv3.playground_server` (`make playground`).
 
   checkpoint_choices(root)  the checkpoints to pick from: $DSV3_CHECKPOINT if set, then for every run folder
-                            in `root` (and `root` itself) its newest step_* and, when present, its best/;
-                            newest first
-  find_checkpoint(root)     the default of those: $DSV3_CHECKPOINT, else the newest (None if there is none)
+                            in `root` (and `root` itself) its best/ when present and its newest step_*;
+                            runs newest first
+  find_checkpoint(root)     the default of those: $DSV3_CHECKPOINT, else the newest run's best/, else its newest
+                            step (None if there is none)
   Playground(model, ...)    title, checkpoint chooser, prompt, sampling settings with their limits written
                             beside them, Generate and Stop, a status line (tokens, tokens/s, elapsed) that
                             updates per token, the text pre-wrapped as it streams, then every token coloured
                             by its top-1 routed expert in a chosen MoE layer (legend with counts)
   show(root)                a Playground on the default checkpoint, or an HTML message saying how to make one
+A setting that does not apply says why (the speculative checkbox of a model without MTP layers).
 Generation runs in a thread, so the kernel keeps handling clicks while it streams: Stop sets a flag that
 `generate(cancel=...)` checks after every token. A value outside its stated range is refused with a message
 beside its box, never clamped.
@@ -40,6 +42,8 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 HOW_TO_TRAIN = ("Train one first: run notebooks/03_phase1_training.ipynb, or on the command line "
                 "<code>python -m dsv3 train --preset tiny</code>; or point <code>DSV3_CHECKPOINT</code> at a "
                 "checkpoint folder.")
+SPECULATIVE_ON = "speculative decoding (the model's MTP draft)"
+SPECULATIVE_OFF = "speculative decoding: off, this model has no MTP layers (train with --mtp-layers 1)"
 FINISH = {"eot": "end of text", "length": "max new tokens reached", "stop": "stop string", "cancelled": "stopped"}
 TEXT_CSS = ("white-space:pre-wrap;overflow-wrap:anywhere;font-family:var(--jp-code-font-family,monospace);"
             "font-size:13px;line-height:1.45")
@@ -57,8 +61,9 @@ def checkpoint_choices(root: str | os.PathLike = "checkpoints") -> list[tuple[st
     """(label, folder) of every checkpoint worth offering, the default first.
 
     $DSV3_CHECKPOINT (a checkpoint or run folder) if set; then per run folder directly in `root` (or `root`
-    itself) its newest complete step_* and its best/ (the lowest validation loss) when that exists,
-    ordered newest first by their meta.json."""
+    itself) its best/ (the lowest validation loss) when that exists, then its newest complete step_*; the runs
+    ordered newest first (by their newest meta.json). So the default is the newest run's best checkpoint, not a
+    step that may have overfitted (or a 1-step test run's only step when it has no best/)."""
     found: list[tuple[str, Path]] = []
     env = os.environ.get("DSV3_CHECKPOINT")
     if env:
@@ -69,24 +74,26 @@ def checkpoint_choices(root: str | os.PathLike = "checkpoints") -> list[tuple[st
         return found
     runs = []
     for run in _runs(root):
-        steps = list_checkpoints(run)
-        cands = steps[-1:] + ([run / "best"] if (run / "best" / "meta.json").is_file() else [])
-        for c in cands:
+        cands = []
+        for c in ([run / "best"] if (run / "best" / "meta.json").is_file() else []) + list_checkpoints(run)[-1:]:
             label = f"{run.name}/{c.name}" if run != root else c.name
             if c.name == "best":
                 try:
                     label += f" (step {read_meta(c)['step']})"
                 except (OSError, ValueError, KeyError):
                     continue  # not a readable checkpoint: not offered
-            runs.append(((c / "meta.json").stat().st_mtime, label, c))
+            cands.append((label, c))
+        if cands:
+            runs.append((max((c / "meta.json").stat().st_mtime for _, c in cands), cands))
     seen = {c.resolve() for _, c in found}
-    found += [(label, c) for _, label, c in sorted(runs, key=lambda r: -r[0]) if c.resolve() not in seen]
+    found += [(label, c) for _, cands in sorted(runs, key=lambda r: -r[0]) for label, c in cands
+              if c.resolve() not in seen]
     return found
 
 
 def find_checkpoint(root: str | os.PathLike = "checkpoints") -> Path | None:
-    """$DSV3_CHECKPOINT if set (a step_* folder or a run folder), else the most recently written checkpoint
-    (a step_* or best/ folder) in `root` or in any run folder directly inside it; None when there is none."""
+    """$DSV3_CHECKPOINT if set (a step_* folder or a run folder), else the newest run's best/, else its newest
+    step_* (runs: `root` and every run folder directly inside it); None when there is none."""
     choices = checkpoint_choices(root)
     return choices[0][1] if choices else None
 
@@ -99,7 +106,13 @@ class Playground:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.generation = None  # the last dsv3 Generation (text, tokens, routing)
-        label = W.Layout(width="130px")
+        self._make_widgets()
+        self.widget = self._layout()
+        self._wire()
+        self.set_model(model)
+
+    def _make_widgets(self) -> None:
+        """Every input and output widget, each with a CSS class (the browser test finds them by it)."""
         self.heading = W.HTML(f"<h2 style='margin:0 0 2px 0'>{TITLE}</h2>")
         self.info = W.HTML()
         self.checkpoint = W.Dropdown(options=[(lbl, i) for i, (lbl, _) in enumerate(self.choices)],
@@ -112,12 +125,12 @@ class Playground:
         self.top_k = W.IntText(value=50, layout=box)
         self.top_p = W.FloatText(value=0.95, step=0.01, layout=box)
         self.seed = W.IntText(value=123, layout=box)
+        # a checkbox's description is cut at a fixed width unless it may take what it needs
+        whole = dict(indent=False, layout=W.Layout(width="auto"), style={"description_width": "initial"})
         # compile=True of dsv3.generate: the same text, faster per token after a first run that compiles
-        self.compile = W.Checkbox(value=False, description="compiled decoding (the first run compiles)",
-                                  indent=False)
+        self.compile = W.Checkbox(value=False, description="compiled decoding (the first run compiles)", **whole)
         # speculative=True of dsv3.generate: the MTP modules draft, the model verifies (same greedy text)
-        self.speculative = W.Checkbox(value=False, description="speculative decoding (the model's MTP draft)",
-                                      indent=False)
+        self.speculative = W.Checkbox(value=False, description=SPECULATIVE_ON, **whole)
         self.button = W.Button(description="Generate", button_style="primary", tooltip="Generate (streams)")
         self.stop_button = W.Button(description="Stop", disabled=True, button_style="warning",
                                     tooltip="End the generation now")
@@ -139,8 +152,13 @@ class Playground:
         for name, hint in self.hints.items():
             hint.add_class(f"gen-hint-{name.replace('_', '-')}")
 
+    def _layout(self) -> W.VBox:
+        """The page: title, model line, chooser, prompt, settings with their hints, buttons and status, text, legend."""
+        label = W.Layout(min_width="140px", width="auto", flex="0 0 auto")  # at least 140px, never cut
+
         def row(text, widget, hint):
-            return W.HBox([W.Label(text, layout=label), widget, hint], layout=W.Layout(align_items="center"))
+            return W.HBox([W.Label(text, layout=label).add_class("gen-label"), widget, hint],
+                          layout=W.Layout(align_items="center"))
 
         settings = W.VBox([row("max new tokens", self.max_new_tokens, self.hints["max_new_tokens"]),
                            row("temperature", self.temperature, self.hints["temperature"]),
@@ -152,23 +170,23 @@ class Playground:
             parts.append(row("checkpoint", self.checkpoint, W.HTML()))
         parts += [self.prompt, self.hints["prompt"], settings,
                   W.HBox([self.button, self.stop_button, self.status], layout=W.Layout(align_items="center")),
-                  self.output, W.HBox([W.Label("colour by expert of", layout=label), self.layer, self.legend],
-                                      layout=W.Layout(align_items="center"))]
+                  self.output, row("colour by expert of", self.layer, self.legend)]
         end = os.environ.get("DSV3_PLAYGROUND_SESSION_END", "")  # set by playground_server for its kernels
         if end.isdigit() and int(end) > 0:
             parts.append(W.HTML(f"<span style='color:#888;font-size:12px'>This page's session ends after "
                                 f"{int(end) // 60 or 1} min without use: reload the page to start a new one."
                                 f"</span>").add_class("gen-session-note"))
-        self.widget = W.VBox(parts, layout=W.Layout(max_width="980px"))
-        self.widget.add_class("gen-app")
+        widget = W.VBox(parts, layout=W.Layout(max_width="980px"))
+        widget.add_class("gen-app")
+        return widget
 
+    def _wire(self) -> None:
         self.button.on_click(self.on_generate)
         self.stop_button.on_click(self.on_stop)
         self.layer.observe(lambda _: self.show_text(), names="value")
         self.checkpoint.observe(self._on_checkpoint, names="value")
         for w in (self.prompt, self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.seed):
             w.observe(lambda _: self.settings(), names="value")
-        self.set_model(model)
 
     def _repr_mimebundle_(self, **kwargs):  # a notebook cell ending in a Playground shows its widget
         return self.widget._repr_mimebundle_(**kwargs)
@@ -187,6 +205,7 @@ class Playground:
         self.compile.disabled = cfg.attn != "mla"
         self.speculative.disabled = not cfg.n_mtp_layers  # a model trained with --mtp-layers
         self.speculative.value = self.speculative.value and not self.speculative.disabled
+        self.speculative.description = SPECULATIVE_OFF if self.speculative.disabled else SPECULATIVE_ON
         self.generation = None
         self.layer.options = [("off", -1)] + [(f"MoE layer {i}", i) for i in range(self.n_moe)]
         self.layer.value = self.n_moe - 1

@@ -3,10 +3,10 @@
     python -m dsv3.playground_server [--checkpoints DIR] [--port 7860] [--max-kernels N] ...   (`make playground`)
 
 Every visitor's page runs in its own kernel (a Python process holding torch and the model), so the number of
-kernels is what bounds memory:
-  - at most `max_kernels` live at once (default: what the machine's available memory holds, see
-    `default_max_kernels`); a visitor beyond that gets a short "busy, try again" page (HTTP 503) instead of a
-    kernel;
+kernels is what bounds memory and CPU:
+  - at most `max_kernels` live at once (default: what the machine's available memory holds, and at most
+    SESSIONS_PER_CORE per core, see `default_max_kernels`); a visitor beyond that gets a short "busy, try again"
+    page (HTTP 503) instead of a kernel;
   - a kernel whose page was closed (its websocket gone) is shut down once idle for `cull_idle_timeout` seconds,
     checked every `cull_interval` seconds; a page left open but unused loses its kernel after `cull_open_timeout`.
 So the server and its kernels stay under `memory_bound_mb` = SERVER_MB + max_kernels x kernel_mb. The server
@@ -38,6 +38,10 @@ TITLE = "dsv3 playground"  # as dsv3.playground.TITLE (this module imports nothi
 BASE_KERNEL_MB = 450  # one playground kernel without its weights: Python, torch, ipykernel, widgets, tokenizer
 SERVER_MB = 250  # the Voilà server process itself (it imports no torch)
 RESERVE_MB = 1024  # memory left to everything else on the machine
+# A kernel decodes on one thread (OMP_NUM_THREADS=1), and a visitor spends most of a session reading and typing,
+# not generating. Two sessions per core keep each one at least half a core's speed even when all generate at
+# once, where the memory bound alone admitted 42 sessions on 2 cores (a twentieth of a core each).
+SESSIONS_PER_CORE = 2
 
 
 def _meminfo_mb(field: str) -> int | None:
@@ -66,13 +70,26 @@ def kernel_mb(root: str | os.PathLike) -> int:
     return BASE_KERNEL_MB + 2 * (max(sizes, default=0) >> 20)
 
 
-def default_max_kernels(root: str | os.PathLike) -> int:
+def cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def memory_max_kernels(root: str | os.PathLike) -> int:
     """(MemAvailable - SERVER_MB - RESERVE_MB) // kernel_mb(root), at least 1 (4 when /proc/meminfo is
     unreadable)."""
     avail = _meminfo_mb("MemAvailable")
     if avail is None:
         return 4
     return max(1, (avail - SERVER_MB - RESERVE_MB) // kernel_mb(root))
+
+
+def default_max_kernels(root: str | os.PathLike) -> int:
+    """The default cap: what the memory holds, and at most SESSIONS_PER_CORE sessions per core."""
+    return min(memory_max_kernels(root), SESSIONS_PER_CORE * cores())
 
 
 def memory_bound_mb(max_kernels: int, root: str | os.PathLike) -> int:
@@ -174,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ip", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--max-kernels", type=int, default=None,
-                   help="most visitors at once, one kernel each (0 = from available memory; env "
-                        "DSV3_PLAYGROUND_MAX_KERNELS)")
+                   help="most visitors at once, one kernel each (0 = what the available memory holds, at most "
+                        f"{SESSIONS_PER_CORE} per core; env DSV3_PLAYGROUND_MAX_KERNELS)")
     p.add_argument("--cull-idle", type=int, default=30,
                    help="seconds a closed page's idle kernel lives on")
     p.add_argument("--cull-interval", type=int, default=10, help="seconds between checks for idle kernels")
@@ -193,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"got {getattr(args, flag)}")
     root = Path(args.checkpoints).resolve()
     cap = args.max_kernels or default_max_kernels(root)
-    print(f"{TITLE}: at most {cap} kernels at once{'' if args.max_kernels else ' (from available memory)'}, "
+    why = "" if args.max_kernels else (f" (the smaller of what the available memory holds, "
+                                       f"{memory_max_kernels(root)}, and {SESSIONS_PER_CORE} per core x {cores()} "
+                                       f"cores)")
+    print(f"{TITLE}: at most {cap} kernels at once{why}, "
           f"memory bound ~{memory_bound_mb(cap, root)} MB (server {SERVER_MB} + {cap} x {kernel_mb(root)} MB); "
           f"closed pages' kernels end after {args.cull_idle} s idle, unused open pages' after {args.cull_open} s",
           flush=True)

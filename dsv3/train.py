@@ -415,13 +415,13 @@ class _Run:
         model_cfg = cfg.model_config()
         self.out = _run_dir(cfg)
         _check_run_dir(cfg, state, self.out, self.main)
-        if self.main and cfg.progress:  # which device "auto" picked, and how it computes
-            print(f"training on {describe(self.device)}, {precision_name(self.amp)}", file=sys.stderr)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         with torch.device(self.device):
             self.model = DeepSeekV3(model_cfg)
         train_tok, self.val_tok = split_tokens(load_tokens(cfg.corpus), cfg.val_fraction)
+        if self.main and cfg.progress:  # (once the data is there) which device "auto" picked, and how it computes
+            print(f"training on {describe(self.device)}, {precision_name(self.amp)}", file=sys.stderr)
         self.sampler = BatchSampler(train_tok, cfg.batch_size, cfg.seq_len, cfg.seed, rank, self.world)  # global
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         # fp16 gradients underflow unless the loss is scaled up; a step whose gradients overflowed is skipped

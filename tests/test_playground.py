@@ -161,15 +161,18 @@ def test_checkpoint_choices_newest_and_best(model, tmp_path, monkeypatch):
     (tmp_path / "run_d" / "best" / "meta.json").write_text("{not json")  # corrupt: not offered
     for i, c in enumerate([a1, best, a2]):
         os.utime(c / "meta.json", (100 + i, 100 + i))  # b is the newest
+    got = checkpoint_choices(tmp_path)  # runs newest first; in a run its best/ first, then its newest step
+    assert [label for label, _ in got] == ["run_b/step_000005", "run_a/best (step 1)", "run_a/step_000002"]
+    assert [c for _, c in got] == [b, best, a2] and a1 not in [c for _, c in got]
+    assert find_checkpoint(tmp_path) == b  # the newest run has no best/: its newest step
+    os.utime(b / "meta.json", (50, 50))  # now run_a is the newest run: its best/ opens, not its newer step
     got = checkpoint_choices(tmp_path)
-    assert [label for label, _ in got] == ["run_b/step_000005", "run_a/step_000002", "run_a/best (step 1)"]
-    assert [c for _, c in got] == [b, a2, best] and a1 not in [c for _, c in got]
-    assert find_checkpoint(tmp_path) == b
+    assert [c for _, c in got] == [best, a2, b] and find_checkpoint(tmp_path) == best
     pg = show(tmp_path)
-    assert isinstance(pg, Playground) and pg.model.cfg.n_layers == 1 and "run_b/step_000005" in pg.info.value
+    assert isinstance(pg, Playground) and pg.model.cfg.n_layers == 2 and "run_a/best (step 1)" in pg.info.value
     assert [o[0] for o in pg.checkpoint.options] == [label for label, _ in got]
-    pg.checkpoint.value = 2  # choosing best loads it
-    assert pg.model.cfg.n_layers == 2 and "run_a/best" in pg.info.value and not pg.button.disabled
+    pg.checkpoint.value = 2  # choosing another loads it
+    assert pg.model.cfg.n_layers == 1 and "run_b/step_000005" in pg.info.value and not pg.button.disabled
     pg.max_new_tokens.value = 3
     pg.on_generate()
     pg.join(60)
@@ -190,7 +193,14 @@ def test_server_sizing_and_app(model, tmp_path, capsys, monkeypatch):
     assert srv.memory_bound_mb(3, tmp_path) == srv.SERVER_MB + 3 * srv.kernel_mb(tmp_path)
     avail = srv._meminfo_mb("MemAvailable")
     expect = max(1, (avail - srv.SERVER_MB - srv.RESERVE_MB) // srv.kernel_mb(tmp_path))
-    assert abs(srv.default_max_kernels(tmp_path) - expect) <= 1  # MemAvailable moves a little between reads
+    assert abs(srv.memory_max_kernels(tmp_path) - expect) <= 1  # MemAvailable moves a little between reads
+    assert srv.cores() == len(os.sched_getaffinity(0))
+    # the default bounds CPU too: at most 2 sessions per core, whatever the memory would hold
+    monkeypatch.setattr(srv, "memory_max_kernels", lambda root: 42)
+    monkeypatch.setattr(srv, "cores", lambda: 2)
+    assert srv.default_max_kernels(tmp_path) == 4
+    monkeypatch.setattr(srv, "memory_max_kernels", lambda root: 3)
+    assert srv.default_max_kernels(tmp_path) == 3
     nb = json.loads(srv.write_app_notebook(tmp_path, tmp_path).read_text())
     assert nb["metadata"]["title"] == "dsv3 playground" and len(nb["cells"]) == 1
     assert "show(" in nb["cells"][0]["source"] and str(tmp_path) in nb["cells"][0]["source"]
@@ -253,11 +263,15 @@ def test_kernel_cap_and_open_page_culling(monkeypatch):
 def test_speculative_checkbox_follows_the_model_and_keeps_the_greedy_text(model):
     """Speculative decoding is offered only for a model with MTP modules; with it, greedy text is plain greedy's
     and the status line reports the drafts accepted."""
-    assert Playground(model).speculative.disabled  # no MTP modules: nothing to draft with
+    off = Playground(model).speculative
+    assert off.disabled and "this model has no MTP layers" in off.description  # it says why it is off
     torch.manual_seed(0)
     mtp_model = dsv3.DeepSeekV3(dsv3.ModelConfig.preset("tiny", n_layers=2, n_mtp_layers=1)).eval()
     pg = Playground(mtp_model)
-    assert not pg.speculative.disabled
+    assert not pg.speculative.disabled and "no MTP" not in pg.speculative.description
+    pg.set_model(model)  # switching to a model without them turns it off, with the reason
+    assert pg.speculative.disabled and not pg.speculative.value and "no MTP layers" in pg.speculative.description
+    pg.set_model(mtp_model)
     pg.prompt.value, pg.max_new_tokens.value, pg.temperature.value = "ROMEO:", 10, 0.0
     pg.speculative.value = True
     pg.on_generate()

@@ -147,7 +147,10 @@ def runs(tmp_path_factory):
         return Path(os.environ["DSV3_SCREENSHOT_RUNS"]).resolve()
     tmp = tmp_path_factory.mktemp("runs")
     torch.manual_seed(0)
-    dsv3.save_checkpoint(tmp / "tiny", dsv3.DeepSeekV3(dsv3.ModelConfig.preset("tiny")), step=0)
+    model = dsv3.DeepSeekV3(dsv3.ModelConfig.preset("tiny"))
+    dsv3.save_checkpoint(tmp / "tiny", model, step=0)
+    dsv3.save_checkpoint(tmp / "tiny", model, step=0, best=True)  # what training's first validation writes
+    dsv3.save_checkpoint(tmp / "tiny", model, step=1)  # a newer step: the page still opens best/
     return tmp
 
 
@@ -174,7 +177,20 @@ def test_page_is_an_app(runs, tmp_path):
             assert "05 ·" not in body and "make playground" not in body and "import" not in body  # the app only
             assert page.locator(".gen-output").inner_text().strip() == ""  # nothing generated at load
             assert "session ends after 10 min without use" in page.locator(".gen-session-note").inner_text()
-            assert checkpoint_choices(runs)[0][0] in page.locator(".gen-checkpoint select").inner_text()
+            options = page.locator(".gen-checkpoint select").inner_text().replace("\xa0", " ")  # widgets: nbsp
+            assert checkpoint_choices(runs)[0][0] in options
+            opened = page.locator(".gen-checkpoint select").evaluate("e => e.options[e.selectedIndex].text")
+            opened = opened.replace("\xa0", " ")
+            assert opened == checkpoint_choices(runs)[0][0] and (SHOTS or opened == "tiny/best (step 0)")
+            assert "this model has no MTP layers" in page.locator(".gen-speculative").inner_text()
+            shown, cut = page.locator(".gen-app").evaluate(  # every visible label, and those cut off
+                "app => { const ls = [...app.querySelectorAll('.widget-label, .widget-label-basic, label')]"
+                ".filter(e => e.offsetParent && e.textContent.trim());"
+                " return [ls.map(e => e.textContent), ls.filter(e => e.scrollWidth > e.clientWidth + 1)"
+                ".map(e => e.textContent)]; }")
+            assert cut == [], cut
+            assert {"max new tokens", "colour by expert of"} <= set(shown), shown
+            assert any("no MTP layers" in t for t in shown), shown
             hint = page.locator(".gen-hint-max-new-tokens")
             assert f"1-{L - 1} for this model" in hint.inner_text()
             if SHOTS:
