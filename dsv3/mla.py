@@ -26,7 +26,7 @@ from .layers import Linear, RMSNorm, apply_rope, yarn_mscale
 __all__ = ["MLA", "GQA", "KVCache", "attention"]
 
 
-@kernels.hook
+@kernels.fast_path(kernels.mla_attention)
 def attention(q: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               scale: float, nope: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """MLA's attention from its projections (eq. 16-18): q (B, T, H, nope + rope) before RoPE; kv (B, S, H,

@@ -72,13 +72,13 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
                            cfg.yarn_beta_fast, cfg.yarn_beta_slow, attn_factor)
 
 
-@kernels.hook
+@kernels.fast_path(kernels.model_embed_tokens)
 def embed_tokens(model: DeepSeekV3, tokens: torch.Tensor) -> torch.Tensor:
     """The token embedding lookup (B, T) -> (B, T, dim)."""
     return model.embed(tokens)
 
 
-@kernels.hook
+@kernels.fast_path(kernels.model_head_loss)
 def head_loss(model: DeepSeekV3, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of the output head's logits h W^T (B, T, vocab), in fp32; targets equal to
     IGNORE_INDEX are not scored."""

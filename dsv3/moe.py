@@ -111,7 +111,7 @@ class RoutedExperts(nn.Module):
         return routed_experts(self, x, indices, gates)
 
 
-@kernels.hook
+@kernels.fast_path(kernels.moe_routed_experts)
 def routed_experts(experts: RoutedExperts, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor):
     """One expert at a time, on the tokens that chose it (as DeepSeek's inference code does)."""
     y = torch.zeros_like(x)

@@ -10,7 +10,8 @@ Which variant runs:
                           kept buffers (buffers.workspace) instead of fresh ones
   CPU inference           `_looped_swiglu`: one matmul per expert that received rows (decoding touches k of N)
 The gate multiplies each row's hidden activation before w2 (the same product as scaling the output, w2 being
-linear, and a third of the work). tests/kernels/test_experts.py checks values and gradients against the reference.
+linear, and a third of the work). `kernels.moe_routed_experts` (kernels/__init__.py) always takes it.
+tests/kernels/test_experts.py checks values and gradients against the reference.
 """
 
 from __future__ import annotations
@@ -18,19 +19,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import moe
-from . import replaces
 from .buffers import KeptGradCast, workspace
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
-@replaces(moe.routed_experts)
 def sorted_dispatch(experts, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor):
     """x (tokens, dim); indices, gates (tokens, k) -> (tokens, dim)."""
-    load = moe.expert_load(indices, experts.w1.shape[0])
-    k = indices.shape[1]
-    order = indices.reshape(-1).argsort(stable=True)  # (token, slot) pairs grouped by expert
+    k, flat = indices.shape[1], indices.reshape(-1)
+    load = flat.new_zeros(experts.w1.shape[0]).scatter_add_(0, flat, torch.ones_like(flat))  # rows per expert
+    order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
     token = order // k
     w1, w2, w3 = experts.w1, experts.w2, experts.w3
     dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype

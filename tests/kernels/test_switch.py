@@ -1,6 +1,7 @@
 """The one switch: with the kernels off a training step runs no custom autograd Function and gives the default
 path's loss and gradients; DSV3_KERNELS=0 and `--no-kernels` turn them off too; the hook machinery itself."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -83,24 +84,33 @@ def test_generation_is_the_same_with_and_without_kernels():
     assert (fast - ref).abs().max() <= 1e-5
 
 
-def test_hook_runs_kernels_in_order_and_falls_back_to_the_reference():
+def test_fast_path_takes_the_kernel_where_it_applies_and_the_reference_elsewhere():
     calls = []
 
-    @kernels.hook
+    def only_negative(reference, x):
+        calls.append("kernel")
+        return -2 * -x if x < 0 else None
+
+    @kernels.fast_path(only_negative)
     def double(x):
         calls.append("reference")
         return 2 * x
-
-    @kernels.replaces(double)
-    def only_negative(x):
-        calls.append("kernel")
-        return -2 * -x if x < 0 else None
 
     assert double(3) == 6 and double(-3) == -6
     assert calls == ["kernel", "reference", "kernel"]
     with kernels.disabled():
         assert double(-1) == -2
-    assert calls[-1] == "reference" and only_negative.replaces is double.reference
+    assert calls[-1] == "reference" and double.kernel is only_negative and double.reference(-4) == -8
+
+
+def test_imports_run_one_way_from_the_reference_files_to_the_kernels():
+    """Nothing under dsv3/kernels/ imports a module of dsv3 outside kernels/ (the reference files import kernels)."""
+    for path in sorted((ROOT / "dsv3" / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level != 2 and not (node.module or "").startswith("dsv3"), (path.name, node.module)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("dsv3") for a in node.names), path.name
 
 
 def test_environment_variable_and_cli_flag_turn_the_kernels_off(tmp_path):
