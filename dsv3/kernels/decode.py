@@ -37,7 +37,7 @@ def block_decode(block, x, cos, sin, c_kv, k_pe, pos, mask):
     y = gathered(moe.experts, flat, indices, gates)
     if moe.shared_experts is not None:
         y = y + moe.shared_experts(flat)
-    moe.record(indices, gates, h.shape)
+    moe.record(indices)
     return x + y.view(h.shape)
 
 

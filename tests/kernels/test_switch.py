@@ -73,15 +73,26 @@ def test_bf16_training_step_without_kernels_is_as_close_as_bf16_allows():
         assert err_fast < 0.05 and err_ref < 0.05, (name, err_fast, err_ref)
 
 
-def test_generation_is_the_same_with_and_without_kernels():
+@pytest.mark.parametrize("cache", ["absorbed", "none"])
+def test_generation_is_the_same_with_and_without_kernels(cache):
+    """Greedy `generate_tokens` (prefill through the CPU attention kernel and oneDNN's linears, then decoding steps):
+    the same ids and the same routing with the kernels off."""
     torch.manual_seed(0)
     model = dsv3.DeepSeekV3(small_cfg()).eval()
-    x = torch.randint(0, 512, (2, 12))
     with torch.no_grad():
-        fast = model(x).logits
-        with kernels.disabled():
-            ref = model(x).logits
-    assert (fast - ref).abs().max() <= 1e-5
+        for p in model.parameters():
+            p.mul_(4)  # routing and logits far from uniform: no near-ties for greedy decoding to fall on
+    prompt = torch.randint(0, 512, (2, 20))
+    runs = []
+    for on in (True, False):
+        trace = []
+        with kernels.disabled() if not on else torch.no_grad():
+            ids = torch.stack(list(dsv3.generate_tokens(model, prompt, 12, temperature=0, cache=cache, trace=trace)))
+        runs.append((ids, torch.cat([t[0] for t in trace], 2), torch.cat([t[1] for t in trace], 2)))
+    (ids, experts, gates), (ref_ids, ref_experts, ref_gates) = runs
+    assert ids.shape == (12, 2) and torch.equal(ids, ref_ids)
+    assert experts.shape[2] == 32 and torch.equal(experts, ref_experts)
+    assert (gates - ref_gates).abs().max() <= 1e-5
 
 
 def test_fast_path_takes_the_kernel_where_it_applies_and_the_reference_elsewhere():
