@@ -100,9 +100,28 @@ def mla_attention(reference, q, kv, k_pe, cos, sin, scale, nope, mask=None):
 
 
 def moe_routed_experts(reference, experts, x, indices, gates):
-    """`moe.routed_experts`: always `experts.sorted_dispatch`, (token, slot) pairs sorted by expert and grouped
-    GEMMs; its docstring's table names the variant each dtype, device and grad mode takes."""
-    return _experts.sorted_dispatch(experts, x, indices, gates)
+    """`moe.routed_experts`: always `experts.sorted_dispatch`, the (token, slot) pairs sorted by expert, then every
+    expert's SwiGLU at once on its rows, in the autocast dtype (else x's), by the variant that suits:
+      CPU bf16, grad on          `_padded_grouped_swiglu`: rows padded per expert, so oneDNN reuses its kernels
+      CPU, grad off (inference)  `_looped_swiglu`: one matmul per expert that received rows (grouped_mm would
+                                 visit the empty experts too; decoding touches k of N)
+      bf16 elsewhere (GPUs)      `_grouped_swiglu`: one grouped_mm per weight, one graph under torch.compile
+      CPU fp32, grad on          `_kept_grad_swiglu`: grouped_mm with the weight gradients in kept buffers
+      otherwise                  `_looped_swiglu` (fp32 on GPUs; torch builds without grouped_mm)"""
+    dev = x.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    cpu, grad, grouped, bf16 = dev == "cpu", torch.is_grad_enabled(), _experts._HAS_GROUPED_MM, dt == torch.bfloat16
+    if cpu and grouped and bf16 and grad:
+        swiglu = _experts._padded_grouped_swiglu
+    elif cpu and not grad:
+        swiglu = _experts._looped_swiglu
+    elif grouped and bf16:
+        swiglu = _experts._grouped_swiglu
+    elif grouped and cpu:
+        swiglu = _experts._kept_grad_swiglu
+    else:
+        swiglu = _experts._looped_swiglu
+    return _experts.sorted_dispatch(experts, x, indices, gates, dt, swiglu)
 
 
 def model_embed_tokens(reference, model, tokens):
