@@ -1,5 +1,6 @@
 """The one switch: with the kernels off a training step runs no custom autograd Function and gives the default
-path's loss and gradients; DSV3_KERNELS=0 and `--no-kernels` turn them off too; the hook machinery itself."""
+path's loss and gradients, and greedy generation the same ids and routing; DSV3_KERNELS=0 and `--no-kernels` turn
+them off too; the fast_path mechanism itself, and imports running one way (reference files -> kernels)."""
 
 import ast
 import os
