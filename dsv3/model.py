@@ -1,4 +1,4 @@
-"""The DeepSeek-V3 language model: `Block`, `DeepSeekV3`, `ModelOutput`, `count_params`.
+"""The DeepSeek-V3 language model: `Block`, `DeepSeekV3`, `ModelOutput`; after it, `check_inputs` and `count_params`.
 
 A pre-norm decoder: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)), where Attn is MLA (or GQA for the dense
 baseline) and FFN is DeepSeekMoE (or a dense SwiGLU for the first n_dense_layers, and for the baseline).
