@@ -270,9 +270,9 @@ def _loop(model, tokens, max_new_tokens, sampling, cache, key_mask, trace, compi
 
 
 class Routes:
-    """The routing trace's observer of one MoE gate (`Gate.observers`), attached for a decoding loop: the top-k
-    expert ids and gates of the gate's last forward, each (B, positions, k). One object per gate, not a closure:
-    torch.compile'd decoding replays its attribute writes on whichever object is attached."""
+    """The routing trace's observer of one MoE gate, attached for a decoding loop: the top-k expert ids and gates
+    of the gate's last forward, each (B, positions, k). It goes in `Gate.observers`, not in a forward hook: in
+    torch.compile'd decoding (torch 2.13) a hook registered after the first compile was not called."""
 
     def __init__(self, batch: int):
         self.batch, self.ids, self.gates = batch, None, None
