@@ -25,5 +25,3 @@ __all__ = [
     "export_hf", "from_hf", "kernels",
 ]
 __version__ = "0.1.0"
-
-kernels.load()  # the fast paths register themselves with the reference (dsv3.kernels.disabled() turns them off)

@@ -251,16 +251,13 @@ def _loop(model, tokens, max_new_tokens, sampling, cache, key_mask, trace, compi
                 once = model.new_cache(B, end, absorb=False)
                 once.key_mask = key_mask[:, :end]
                 logits = model(seq[:, :end], cache=once, last_logits=True).logits[:, -1]
-        if trace is not None and moes:
-            n = end - start  # without a cache the MoE saw all `end` positions; keep the new ones
-            trace.append((torch.stack([m.last_topk[0][:, -n:] for m in moes]),
-                          torch.stack([m.last_topk[1][:, -n:].float() for m in moes])))
+        if routes:  # without a cache the MoE saw all `end` positions; keep the new ones
+            trace.append(Routes.stack(routes, slice(start - end, None)))
         return logits.float()
 
     was_training = model.training
     model.eval()  # training mode would count routed slots into the gates' step_load
-    for m in moes:
-        m.trace = trace is not None
+    routes = Routes.attach(moes, B) if trace is not None else []
     try:
         with governed(device, compile) as tick:  # fewer threads while another job shares the CPU (threads.py)
             logits = forward(0, P)
@@ -272,8 +269,38 @@ def _loop(model, tokens, max_new_tokens, sampling, cache, key_mask, trace, compi
                     tick()
     finally:
         model.train(was_training)
-        for m in moes:
-            m.trace, m.last_topk = False, None
+        Routes.detach(moes, routes)
+
+
+class Routes:
+    """The routing trace's observer of one MoE gate, attached for a decoding loop: the top-k expert ids and gates
+    of the gate's last forward, each (B, positions, k). It goes in `Gate.observers`, not in a forward hook: in
+    torch.compile'd decoding (torch 2.13) a hook registered after the first compile was not called."""
+
+    def __init__(self, batch: int):
+        self.batch, self.ids, self.gates = batch, None, None
+
+    def __call__(self, indices: torch.Tensor, gates: torch.Tensor) -> None:
+        self.ids = indices.view(self.batch, -1, indices.shape[-1])
+        self.gates = gates.view(self.batch, -1, gates.shape[-1])
+
+    @staticmethod
+    def attach(moes, batch: int) -> list[Routes]:
+        routes = [Routes(batch) for _ in moes]
+        for m, r in zip(moes, routes, strict=True):
+            m.gate.observers.append(r)
+        return routes
+
+    @staticmethod
+    def detach(moes, routes: list[Routes]) -> None:
+        for m, r in zip(moes, routes, strict=False):
+            m.gate.observers.remove(r)
+
+    @staticmethod
+    def stack(routes: list[Routes], positions: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert ids, gates) of every observed layer at `positions`, each (layers, B, positions, k)."""
+        return (torch.stack([r.ids[:, positions] for r in routes]),
+                torch.stack([r.gates[:, positions].float() for r in routes]))
 
 
 # --- text level ---

@@ -26,23 +26,6 @@ from .layers import Linear, RMSNorm, apply_rope, yarn_mscale
 __all__ = ["MLA", "GQA", "KVCache", "attention"]
 
 
-@kernels.hook
-def attention(q: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              scale: float, nope: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """MLA's attention from its projections (eq. 16-18): q (B, T, H, nope + rope) before RoPE; kv (B, S, H,
-    nope + v), every head's [k^C; v^C] up-projected from the latent; k_pe (B, S, rope), the shared RoPE key,
-    already rotated. Returns (B, T, H * v), the heads concatenated for W^O. mask (B|1, 1, T, S) or None (causal)."""
-    B, T, H, _ = q.shape
-    q_nope, q_pe = q[..., :nope], q[..., nope:]
-    q_pe = apply_rope(q_pe.transpose(1, 2), cos, sin).transpose(1, 2)  # eq. 14: q^R = RoPE(W^QR c_q)
-    k_nope, v = kv[..., :nope], kv[..., nope:]
-    q = torch.cat([q_nope, q_pe], dim=-1)  # eq. 16: q = [q^C; q^R]
-    k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)], dim=-1)  # eq. 17: k = [k^C; k^R], k^R shared
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask, is_causal=mask is None, scale=scale)  # eq. 18
-    return o.transpose(1, 2).reshape(B, T, -1)
-
-
 class MLA(nn.Module):
     """Multi-Head Latent Attention with decoupled RoPE. Weight names follow DeepSeek's inference code."""
 
@@ -50,6 +33,8 @@ class MLA(nn.Module):
         super().__init__()
         self.n_heads, self.kv_lora_rank = cfg.n_heads, cfg.kv_lora_rank
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        # the projections in the order their parameters were first registered (the state dict, the initial random
+        # draws and the optimizer's state follow it), so queries (eq. 12-14) come before the latent (eq. 9-11)
         q_out = cfg.n_heads * cfg.qk_head_dim
         if cfg.q_lora_rank == 0:
             self.wq = Linear(cfg.dim, q_out, bias=False)  # W^Q and W^QR together
@@ -71,10 +56,10 @@ class MLA(nn.Module):
         """x (B, T, dim) -> q (B, T, H, nope + rope) before RoPE, and what is cached: c_kv (B, T, kv_lora_rank),
         k_pe (B, T, rope), rotated."""
         B, T, _ = x.shape
-        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))  # eq. 12-13
-        c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)  # eq. 9, eq. 15
-        c_kv = self.kv_norm(c_kv)  # the latent is normalised before it is cached and up-projected
-        k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin).squeeze(1)  # one rotated key per token, shared by all heads
+        c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)  # eq. 9, and W^KR h of eq. 15
+        c_kv = self.kv_norm(c_kv)  # the latent is normalised before it is cached and up-projected (eq. 10-11)
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))  # eq. 12-13; eq. 14's W^QR c_q
+        k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin).squeeze(1)  # eq. 15: one rotated key per token, for every head
         return q.view(B, T, self.n_heads, -1), c_kv, k_pe
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer_id: int = 0, mask=None):
@@ -108,6 +93,23 @@ class MLA(nn.Module):
         o_lat = torch.einsum("bhts,bsr->bhtr", p, c_kv)  # attention over latents
         o = torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)  # up-project once per query: v^C never materialises
         return o.reshape(B, T, H * self.v_dim)
+
+
+@kernels.fast_path(kernels.mla_attention)
+def attention(q: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              scale: float, nope: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MLA's attention from its projections (eq. 16-18): q (B, T, H, nope + rope) before RoPE; kv (B, S, H,
+    nope + v), every head's [k^C; v^C] up-projected from the latent; k_pe (B, S, rope), the shared RoPE key,
+    already rotated. Returns (B, T, H * v), the heads concatenated for W^O. mask (B|1, 1, T, S) or None (causal)."""
+    B, T, H, _ = q.shape
+    q_nope, q_pe = q[..., :nope], q[..., nope:]
+    q_pe = apply_rope(q_pe.transpose(1, 2), cos, sin).transpose(1, 2)  # eq. 14: q^R = RoPE(W^QR c_q)
+    k_nope, v = kv[..., :nope], kv[..., nope:]
+    q = torch.cat([q_nope, q_pe], dim=-1)  # eq. 16: q = [q^C; q^R]
+    k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)], dim=-1)  # eq. 17: k = [k^C; k^R], k^R shared
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask, is_causal=mask is None, scale=scale)  # eq. 18
+    return o.transpose(1, 2).reshape(B, T, -1)
 
 
 class GQA(nn.Module):

@@ -1,4 +1,4 @@
-"""The DeepSeek-V3 language model: `Block`, `DeepSeekV3`, `ModelOutput`, `count_params`.
+"""The DeepSeek-V3 language model: `Block`, `DeepSeekV3`, `ModelOutput`; after it, `check_inputs` and `count_params`.
 
 A pre-norm decoder: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)), where Attn is MLA (or GQA for the dense
 baseline) and FFN is DeepSeekMoE (or a dense SwiGLU for the first n_dense_layers, and for the baseline).
@@ -72,13 +72,13 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
                            cfg.yarn_beta_fast, cfg.yarn_beta_slow, attn_factor)
 
 
-@kernels.hook
+@kernels.fast_path(kernels.model_embed_tokens)
 def embed_tokens(model: DeepSeekV3, tokens: torch.Tensor) -> torch.Tensor:
     """The token embedding lookup (B, T) -> (B, T, dim)."""
     return model.embed(tokens)
 
 
-@kernels.hook
+@kernels.fast_path(kernels.model_head_loss)
 def head_loss(model: DeepSeekV3, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of the output head's logits h W^T (B, T, vocab), in fp32; targets equal to
     IGNORE_INDEX are not scored."""
@@ -151,7 +151,7 @@ class DeepSeekV3(nn.Module):
             raise ValueError("decode_step needs an MLA model and an absorbed cache (new_cache(..., absorb=True))")
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] != 1:
             raise ValueError(f"decode_step takes tokens of shape (batch, 1), got {getattr(tokens, 'shape', tokens)}")
-        self._check(tokens, None, cache)
+        check_inputs(self.cfg, tokens, None, cache)
         return decode_step(self, tokens, cache, compiled)
 
     def update_router_bias(self) -> None:
@@ -166,49 +166,13 @@ class DeepSeekV3(nn.Module):
                        device=p.device, dtype=dtype or p.dtype)
 
     # --- forward ---
-    def _check(self, tokens, targets, cache) -> None:
-        cfg = self.cfg
-        if not isinstance(tokens, torch.Tensor):
-            raise ValueError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens must have dtype torch.long (or int32), got {tokens.dtype}")
-        if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
-            raise ValueError(f"tokens must have shape (batch, seq_len) with both >= 1, got {tuple(tokens.shape)}")
-        T = tokens.shape[1]
-        limit = cfg.max_seq_len if cache is None else cache.max_len - cache.pos
-        if T > limit:
-            where = f"max_seq_len={cfg.max_seq_len}" if cache is None else \
-                f"the cache's free space ({cache.max_len} - {cache.pos} = {limit})"
-            raise ValueError(f"sequence length {T} exceeds {where}")
-        if cache is not None and tokens.shape[0] != cache.batch:
-            raise ValueError(f"tokens batch {tokens.shape[0]} does not match the cache batch {cache.batch}")
-        if tokens.device.type != "cpu":  # an accelerator: check on the device, no host sync per step
-            torch._assert_async(((tokens >= 0) & (tokens < cfg.vocab_size)).all(),
-                                f"token ids must be in [0, vocab_size={cfg.vocab_size})")
-        elif not torch.compiler.is_compiling():
-            lo, hi = tokens.min().item(), tokens.max().item()
-            if lo < 0 or hi >= cfg.vocab_size:
-                raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got min {lo}, max {hi}")
-        if targets is not None:
-            if not isinstance(targets, torch.Tensor) or targets.shape != tokens.shape:
-                got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
-                raise ValueError(f"targets must be a tensor shaped like tokens {tuple(tokens.shape)}, got {got}")
-            if targets.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"targets must have dtype torch.long, got {targets.dtype}")
-            if not torch.compiler.is_compiling():  # one host sync: the error names the first bad position
-                bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= cfg.vocab_size))
-                if bad.any():
-                    b, t = (int(i) for i in bad.nonzero()[0])
-                    raise ValueError(f"targets[{b}, {t}] = {int(targets[b, t])} is not a token id in "
-                                     f"[0, vocab_size={cfg.vocab_size}) nor the ignore value {IGNORE_INDEX}")
-
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, *, return_logits: bool = True, last_logits: bool = False) -> ModelOutput:
         """tokens (B, T) -> logits (B, T, vocab); with targets (B, T), also the losses.
         return_logits=False (with targets): only the losses, for training; `logits` is None, and the kernels
         never build the (B, T, vocab) logits at all. last_logits=True (without targets): only the last
         position's logits, (B, 1, vocab), which is all that decoding needs."""
-        self._check(tokens, targets, cache)
+        check_inputs(self.cfg, tokens, targets, cache)
         if last_logits and targets is not None:
             raise ValueError("last_logits=True is for decoding; it cannot be combined with targets")
         T = tokens.shape[1]
@@ -260,6 +224,46 @@ class DeepSeekV3(nn.Module):
         return head_loss(self, h, targets) if fused else head_loss.reference(self, h, targets)
 
 
+# --- around the model: input checks and parameter counts ---
+
+def check_inputs(cfg: ModelConfig, tokens, targets, cache: KVCache | None) -> None:
+    """One clear ValueError for inputs the model cannot take: not a (batch, seq_len) tensor of token ids in
+    [0, vocab_size), longer than max_seq_len or the cache's free space, or targets of another shape or range."""
+    if not isinstance(tokens, torch.Tensor):
+        raise ValueError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must have dtype torch.long (or int32), got {tokens.dtype}")
+    if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
+        raise ValueError(f"tokens must have shape (batch, seq_len) with both >= 1, got {tuple(tokens.shape)}")
+    T = tokens.shape[1]
+    limit = cfg.max_seq_len if cache is None else cache.max_len - cache.pos
+    if T > limit:
+        where = f"max_seq_len={cfg.max_seq_len}" if cache is None else \
+            f"the cache's free space ({cache.max_len} - {cache.pos} = {limit})"
+        raise ValueError(f"sequence length {T} exceeds {where}")
+    if cache is not None and tokens.shape[0] != cache.batch:
+        raise ValueError(f"tokens batch {tokens.shape[0]} does not match the cache batch {cache.batch}")
+    if tokens.device.type != "cpu":  # an accelerator: check on the device, no host sync per step
+        torch._assert_async(((tokens >= 0) & (tokens < cfg.vocab_size)).all(),
+                            f"token ids must be in [0, vocab_size={cfg.vocab_size})")
+    elif not torch.compiler.is_compiling():
+        lo, hi = tokens.min().item(), tokens.max().item()
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got min {lo}, max {hi}")
+    if targets is not None:
+        if not isinstance(targets, torch.Tensor) or targets.shape != tokens.shape:
+            got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(f"targets must be a tensor shaped like tokens {tuple(tokens.shape)}, got {got}")
+        if targets.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"targets must have dtype torch.long, got {targets.dtype}")
+        if not torch.compiler.is_compiling():  # one host sync: the error names the first bad position
+            bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= cfg.vocab_size))
+            if bad.any():
+                b, t = (int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"targets[{b}, {t}] = {int(targets[b, t])} is not a token id in "
+                                 f"[0, vocab_size={cfg.vocab_size}) nor the ignore value {IGNORE_INDEX}")
+
+
 def count_params(model: DeepSeekV3) -> dict[str, int]:
     """Parameter counts: total (tied weights once) and active per token, with a breakdown.
 
@@ -270,34 +274,29 @@ def count_params(model: DeepSeekV3) -> dict[str, int]:
     what decoding without speculation uses (total and active minus the MTP modules').
     """
     cfg = model.cfg
-    seen: set[int] = set()
-    mtp = 0
-    parts = {"embedding": 0, "attention": 0, "routed_experts": 0, "shared_experts": 0, "dense_mlp": 0,
-             "router": 0, "norms": 0, "head": 0}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if name.startswith("mtp."):
-            mtp += p.numel()
-            continue
-        if name.startswith("embed"):
-            key = "embedding"
-        elif name.startswith("head"):
-            key = "head"
-        elif ".attn." in name:
-            key = "attention"
-        elif ".experts." in name:
-            key = "routed_experts"
-        elif ".shared_experts." in name:
-            key = "shared_experts"
-        elif ".gate." in name:
-            key = "router"
-        elif ".ffn." in name:
-            key = "dense_mlp"
+    role: dict[int, str] = {}  # id(parameter) -> its part; a tied weight counts once, with the first role given
+
+    def claim(module: nn.Module | None, part: str) -> None:
+        for p in module.parameters() if module is not None else ():
+            role.setdefault(id(p), part)
+
+    claim(model.mtp, "mtp")
+    claim(model.embed, "embedding")
+    claim(model.head, "head")
+    for block in model.layers:
+        claim(block.attn, "attention")
+        if isinstance(block.ffn, MoE):
+            claim(block.ffn.experts, "routed_experts")
+            claim(block.ffn.shared_experts, "shared_experts")
+            claim(block.ffn.gate, "router")
         else:
-            key = "norms"
-        parts[key] += p.numel()
+            claim(block.ffn, "dense_mlp")
+    claim(model, "norms")  # what is left: the blocks' and the final RMSNorm weights
+    parts = dict.fromkeys(("embedding", "attention", "routed_experts", "shared_experts", "dense_mlp", "router",
+                           "norms", "head", "mtp"), 0)
+    for p in model.parameters():  # each tensor once
+        parts[role[id(p)]] += p.numel()
+    mtp = parts.pop("mtp")
     total = sum(parts.values()) + mtp
     unused = (cfg.n_routed_experts - cfg.n_activated_experts) * 3 * cfg.dim * cfg.moe_inter_dim  # per MoE layer
     counts = {"total": total, "active": total - len(model.moe_layers()) * unused, **parts}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .cache import KVCache
-from .generate import _sequence, draw, probabilities, sample
+from .generate import Routes, _sequence, draw, probabilities, sample
 from .threads import governed
 
 
@@ -117,9 +117,8 @@ def speculative_loop(model, tokens, max_new_tokens, sampling, cache, key_mask, t
 
     def route(keep: int) -> None:
         """Trace the routing of the first `keep` positions of the main model's last forward (the kept ones)."""
-        if trace is not None and moes:
-            trace.append((torch.stack([m.last_topk[0][:, :keep] for m in moes]),
-                          torch.stack([m.last_topk[1][:, :keep].float() for m in moes])))
+        if routes:
+            trace.append(Routes.stack(routes, slice(None, keep)))
 
     def propose(n: int, s: int, k_use: int) -> list:
         """MTP depths 1..k_use over positions [s, n - 1) (their caches are valid below s): the drafts go to
@@ -154,8 +153,7 @@ def speculative_loop(model, tokens, max_new_tokens, sampling, cache, key_mask, t
 
     was_training = model.training
     model.eval()
-    for m in moes:
-        m.trace = trace is not None
+    routes = Routes.attach(moes, B) if trace is not None else []
     try:
         with governed(device, compile) as tick:  # fewer threads while another job shares the CPU (threads.py)
             logits = main(0, P, last_only=True)[:, -1]
@@ -189,5 +187,4 @@ def speculative_loop(model, tokens, max_new_tokens, sampling, cache, key_mask, t
                 route(1)
     finally:
         model.train(was_training)
-        for m in moes:
-            m.trace, m.last_topk = False, None
+        Routes.detach(moes, routes)

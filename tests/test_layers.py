@@ -1,9 +1,10 @@
 """layers.py: Linear, RMSNorm, the SwiGLU Expert and RoPE, against their formulas."""
 
 import math
+from types import SimpleNamespace
 
+import pytest
 import torch
-import torch.nn.functional as F
 
 from dsv3 import kernels
 from dsv3.layers import Expert, Linear, RMSNorm, apply_rope, linear, rope_cache
@@ -37,11 +38,22 @@ def test_rmsnorm_formula_and_dtype():
 
 
 def test_expert_is_swiglu():
+    """SwiGLU (Shazeer 2020): FFN(x) = (Swish_1(x W) * x V) W_2, Swish_1(z) = z sigmoid(z), written out elementwise
+    in float64 from the paper's formula; and transformers' LlamaMLP (the same FFN as DeepSeek's) with our weights."""
     torch.manual_seed(0)
     e = Expert(8, 12)
     x = torch.randn(5, 8)
-    want = (F.silu(x @ e.w1.weight.T) * (x @ e.w3.weight.T)) @ e.w2.weight.T
-    assert torch.allclose(e(x), want, atol=1e-6)
+    w1, w3, w2 = (lin.weight.double() for lin in (e.w1, e.w3, e.w2))
+    a = torch.einsum("td,id->ti", x.double(), w1)  # x W: row t, unit i = sum_d x_td W_id
+    swish = a * (1 / (1 + torch.exp(-a)))
+    hidden = swish * torch.einsum("td,id->ti", x.double(), w3)
+    want = torch.einsum("ti,di->td", hidden, w2)
+    assert torch.allclose(e(x).double(), want, atol=1e-5)
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    mlp = llama.LlamaMLP(SimpleNamespace(hidden_size=8, intermediate_size=12, mlp_bias=False, hidden_act="silu"))
+    mlp.load_state_dict({"gate_proj.weight": e.w1.weight, "up_proj.weight": e.w3.weight,
+                         "down_proj.weight": e.w2.weight})
+    assert torch.allclose(e(x), mlp(x), atol=1e-6)
 
 
 def test_rope_tables_and_rotation():

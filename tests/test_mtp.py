@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv3
-from dsv3.generate import generate_tokens, probabilities
+from dsv3.generate import Routes, generate_tokens, probabilities
 from dsv3.model import count_params
 from dsv3.speculative import judge
 
@@ -43,17 +43,24 @@ def rms(x, w, eps):
 
 def test_combine_step_is_eq_21_to_23_by_hand():
     model = make(n_mtp_layers=1, scale=5)
-    layer, eps = model.mtp[0], model.cfg.norm_eps
+    layer, eps, d = model.mtp[0], model.cfg.norm_eps, model.cfg.dim
     torch.manual_seed(1)
-    h, emb = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
+    h, emb = torch.randn(2, 9, d), torch.randn(2, 9, d)
     cos, sin = model.rope_cos[:9], model.rope_sin[:9]
-    # eq. 21: M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h_i^{k-1})], the embedding half first (DeepSeek's weights)
-    x = torch.cat([rms(emb, layer.enorm.weight, eps), rms(h, layer.hnorm.weight, eps)], -1) @ layer.eh_proj.weight.t()
+    # eq. 21, h'_i^k = M_k [RMSNorm(h_i^{k-1}); RMSNorm(Emb(t_{i+k}))]: a (d, 2d) matrix times a concatenation is
+    # the sum of its two column blocks' products; DeepSeek's weights put the embedding's half first
+    M = layer.eh_proj.weight
+    x = rms(emb, layer.enorm.weight, eps) @ M[:, :d].t() + rms(h, layer.hnorm.weight, eps) @ M[:, d:].t()
     x = layer.block(x, cos, sin)[0]  # eq. 22: one Transformer block (MLA + MoE)
     ref = rms(x, layer.norm.weight, eps)  # the shared head's norm; eq. 23 is then model.head(ref)
     with torch.no_grad():
         got = layer(h, emb, cos, sin)[0]
-    assert torch.allclose(got, ref, atol=1e-5)
+        assert torch.allclose(got, ref, atol=1e-5)
+        # each half is RMS-normalised (its scale does not matter) and read by its own columns of M_k
+        assert torch.allclose(layer(3 * h, 2 * emb, cos, sin)[0], got, atol=1e-4)
+        M[:, d:] = 0  # the hidden state's columns: h no longer matters, the embedding still does
+        assert torch.allclose(layer(torch.randn_like(h), emb, cos, sin)[0], layer(h, emb, cos, sin)[0])
+        assert not torch.allclose(layer(h, torch.randn_like(emb), cos, sin)[0], layer(h, emb, cos, sin)[0])
     assert isinstance(layer.block.ffn, dsv3.model.MoE)
     # shared, not copied: the MTP modules own no embedding or head
     assert not any("embed" in n or n.startswith("head") for n, _ in model.mtp.named_parameters())
@@ -225,16 +232,13 @@ def test_speculative_trace_routes_exactly_the_kept_tokens(trained):
     full = torch.cat([prompt, ids], 1)
     cache = trained.new_cache(2, full.shape[1], absorb=False)
     cache.key_mask = torch.cat([key_mask, torch.ones_like(ids, dtype=torch.bool)], 1)
-    for m in trained.moe_layers():
-        m.trace = True
+    routes = Routes.attach(trained.moe_layers(), 2)
     try:
         with torch.inference_mode():
             trained(full, cache=cache)
-        want_ids = torch.stack([m.last_topk[0] for m in trained.moe_layers()])
-        want_gates = torch.stack([m.last_topk[1] for m in trained.moe_layers()])
+        want_ids, want_gates = Routes.stack(routes, slice(None))
     finally:
-        for m in trained.moe_layers():
-            m.trace, m.last_topk = False, None
+        Routes.detach(trained.moe_layers(), routes)
     assert got_ids.shape[2] == full.shape[1] and torch.equal(got_ids, want_ids)
     assert torch.allclose(got_gates, want_gates, atol=1e-5)
 

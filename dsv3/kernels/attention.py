@@ -1,11 +1,12 @@
 """Replaces `mla.attention` (MLA's attention from its projections) where no mask is needed (training, prefill):
 
-  cpu_causal_attention  on the CPU, while one layer's fp32 scores fit in CPU_MAX_SCORE_BYTES: `CausalAttention`,
-                        the attention written out with its own backward, in kept buffers, no concatenations
-  flash_attention       elsewhere (GPUs, long CPU sequences, torch.compile): SDPA's fused flash kernel, which
-                        needs V as wide as Q and K, so V gets zero columns that are dropped again
+  CausalAttention   the attention written out for the CPU with its own backward, in kept buffers, no
+                    concatenations, while one layer's fp32 scores fit in CPU_MAX_SCORE_BYTES
+  flash_attention   SDPA's fused flash kernel, which needs V as wide as Q and K, so V gets zero columns that are
+                    dropped again (GPUs, long CPU sequences, torch.compile)
 
-Both compute the reference's numbers; tests/kernels/test_attention.py compares values and gradients.
+Which one a call takes: `kernels.mla_attention` (kernels/__init__.py). Both compute the reference's numbers;
+tests/kernels/test_attention.py compares values and gradients.
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import mla
-from ..layers import apply_rope
-from . import replaces
 from .buffers import workspace
 
 # the CPU kernel runs while B x n_heads x T^2 fp32 scores fit in this many bytes (one batch row's at a time
@@ -125,24 +123,10 @@ class CausalAttention(torch.autograd.Function):
             return dq, dkv, dk_pe, None, None, None, None
 
 
-@replaces(mla.attention)
-def cpu_causal_attention(q, kv, k_pe, cos, sin, scale, nope, mask=None):
-    B, T, H, _ = q.shape
-    if (mask is not None or q.device.type != "cpu" or cos.dim() != 2 or kv.shape[1] != T
-            or B * H * T * T * 4 > CPU_MAX_SCORE_BYTES or torch.compiler.is_compiling()):
-        return None  # compiled: SDPA, which inductor lowers itself
-    return CausalAttention.apply(q, kv, k_pe, cos, sin, scale, nope).view(B, T, -1)
-
-
-@replaces(mla.attention)
-def flash_attention(q, kv, k_pe, cos, sin, scale, nope, mask=None):
+def flash_attention(reference, q, kv, k_pe, cos, sin, scale, nope):
+    """`mla.attention` without a mask, run by the `reference` itself with V zero-padded to the q/k head width: SDPA
+    then takes its fused flash kernel (which needs them equal); the padding's zero outputs are dropped."""
     B, T, H, d = q.shape
-    pad = d - (kv.shape[-1] - nope)
-    if mask is not None or pad <= 0:
-        return None
-    q_pe = apply_rope(q[..., nope:].transpose(1, 2), cos, sin)
-    qh = torch.cat([q[..., :nope].transpose(1, 2), q_pe], dim=-1)
-    kh = torch.cat([kv[..., :nope], k_pe.unsqueeze(2).expand(-1, -1, H, -1)], dim=-1).transpose(1, 2)
-    v = F.pad(kv[..., nope:], (0, pad)).transpose(1, 2)  # zero columns give zero outputs, dropped below
-    o = F.scaled_dot_product_attention(qh, kh, v, is_causal=True, scale=scale)
-    return o[..., :d - pad].transpose(1, 2).reshape(B, T, -1)
+    v = kv.shape[-1] - nope
+    o = reference(q, F.pad(kv, (0, d - v)), k_pe, cos, sin, scale, nope)  # (B, T, H * d)
+    return o.view(B, T, H, d)[..., :v].reshape(B, T, -1)

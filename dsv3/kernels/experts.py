@@ -2,16 +2,16 @@
 (token, slot) pairs are sorted by expert so that each expert's rows are contiguous, and one `grouped_mm` per
 weight runs every expert at once; no per-expert boolean mask, no Python loop in training.
 
-Which variant runs:
-  bf16, CPU, training     `_padded_grouped_swiglu`: each expert's rows padded to a multiple of CPU_BF16_ROWS,
-                          so oneDNN sees repeating shapes and reuses its compiled kernels
-  bf16 elsewhere          `_grouped_swiglu` (also under torch.compile: one graph for every block)
-  fp32, CPU, training     `KeptGradSwiGLU`: grouped_mm with the backward written out, the weight gradients in
-                          kept buffers (buffers.workspace) instead of fresh ones
-  CPU inference, and MPS  `_looped_swiglu`: one matmul per expert that received rows (decoding touches k of N;
-                          MPS has no grouped_mm)
+The variants (which one a call takes: `kernels.moe_routed_experts`, kernels/__init__.py):
+  `_padded_grouped_swiglu`  each expert's rows padded to a multiple of CPU_BF16_ROWS, so oneDNN sees repeating
+                            shapes and reuses its compiled kernels
+  `_grouped_swiglu`         one grouped_mm per weight (also under torch.compile: one graph for every block)
+  `_kept_grad_swiglu`       `KeptGradSwiGLU`: grouped_mm with the backward written out, the weight gradients in
+                            kept buffers (buffers.workspace) instead of fresh ones
+  `_looped_swiglu`          one matmul per expert that received rows (decoding touches k of N)
 The gate multiplies each row's hidden activation before w2 (the same product as scaling the output, w2 being
-linear, and a third of the work). tests/kernels/test_experts.py checks values and gradients against the reference.
+linear, and a third of the work).
+tests/kernels/test_experts.py checks values and gradients against the reference.
 """
 
 from __future__ import annotations
@@ -19,42 +19,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import moe
-from . import replaces
 from .buffers import KeptGradCast, workspace
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
-GROUPED_MM_DEVICES = ("cpu", "cuda")  # where torch has grouped_mm kernels; elsewhere (MPS) one matmul per expert
 
 
-@replaces(moe.routed_experts)
-def sorted_dispatch(experts, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor):
-    """x (tokens, dim); indices, gates (tokens, k) -> (tokens, dim)."""
-    load = moe.expert_load(indices, experts.w1.shape[0])
-    k = indices.shape[1]
-    order = indices.reshape(-1).argsort(stable=True)  # (token, slot) pairs grouped by expert
+def sorted_dispatch(experts, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, dt: torch.dtype, swiglu):
+    """x (tokens, dim); indices, gates (tokens, k) -> (tokens, dim), the experts computing in dt by `swiglu`, one of
+    the variants below: it takes the expert-sorted rows (`_padded_grouped_swiglu`: x and each sorted row's token)."""
+    k, flat = indices.shape[1], indices.reshape(-1)
+    load = flat.new_zeros(experts.w1.shape[0]).scatter_add_(0, flat, torch.ones_like(flat))  # rows per expert
+    order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
     token = order // k
     w1, w2, w3 = experts.w1, experts.w2, experts.w3
-    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    cpu = x.device.type == "cpu"
-    grouped = _HAS_GROUPED_MM and x.device.type in GROUPED_MM_DEVICES
     if dt != w1.dtype:  # grouped_mm is not on autocast's list; the CPU trains with kept weight gradients
-        kept = cpu and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        kept = x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         cast = KeptGradCast.apply if kept else (lambda w, d: w.to(d))
         w1, w2, w3 = cast(w1, dt), cast(w2, dt), cast(w3, dt)
     g = gates.reshape(-1)[order].unsqueeze(-1).to(dt)  # each sorted pair's gate g_i,t
-    if cpu and grouped and dt == torch.bfloat16 and torch.is_grad_enabled():
-        ys = _padded_grouped_swiglu(x.to(dt), token, w1, w2, w3, load, g)
-    else:
-        xs = x.index_select(0, token).to(dt)  # backward: index_add_, faster on CPU than x[token]'s index_put
-        if cpu and not torch.is_grad_enabled():  # inference: CPU grouped_mm visits empty experts too
-            ys = _looped_swiglu(xs, w1, w2, w3, load, g)
-        elif grouped and dt == torch.bfloat16:
-            ys = _grouped_swiglu(xs, w1, w2, w3, load, g)
-        elif grouped and cpu:  # fp32: weight gradients into kept buffers
-            ys = _kept_grad_swiglu(xs, w1, w2, w3, load, g)
-        else:
-            ys = _looped_swiglu(xs, w1, w2, w3, load, g)
+    if swiglu is _padded_grouped_swiglu:
+        ys = swiglu(x.to(dt), token, w1, w2, w3, load, g)
+    else:  # backward of index_select: index_add_, faster on CPU than x[token]'s index_put
+        ys = swiglu(x.index_select(0, token).to(dt), w1, w2, w3, load, g)
     return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)
 
 

@@ -1,7 +1,9 @@
 """Replaces `model.head_loss` (logits = h W^T, then their cross-entropy) with `LinearCrossEntropy`: the head and
 the loss fused over row chunks, so the (tokens, vocab) logits never exist at once and every op after the matmul
 works in place; and `model.embed_tokens`, for a tied embedding, with `TiedEmbedding`, whose backward adds into
-the head's weight gradient instead of building a second dense (vocab, dim) one.
+the head's weight gradient instead of building a second dense (vocab, dim) one. The two meet through `_TIED`,
+keyed by the weight, here and nowhere else. `kernels.model_head_loss` and `kernels.model_embed_tokens`
+(kernels/__init__.py) say when each runs.
 tests/kernels/test_head.py checks losses and gradients against the reference.
 """
 
@@ -11,9 +13,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .. import model as model_mod
-from . import replaces
 from .buffers import workspace
 from .linear import onednn_mm, use_onednn
 
@@ -182,18 +183,21 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return LinearCrossEntropy.apply(h, weight, targets, tied)
 
 
-@replaces(model_mod.embed_tokens)
-def tied_embed_tokens(model, tokens: torch.Tensor):
-    """Training with a tied head: the lookup whose gradient the fused head's backward will hand over."""
-    w = model.embed.weight
-    model._tied_grad = None
-    if model.head.weight is not w or not w.requires_grad or not torch.is_grad_enabled() or model.mtp is not None:
-        return None  # (with MTP the head runs 1 + D times: autograd sums their weight gradients)
-    model._tied_grad = _TiedGrad()
-    return TiedEmbedding.apply(w, tokens, model._tied_grad)
+_TIED = WeakIdKeyDictionary()  # weight -> the _TiedGrad of its last tied lookup, until a head loss takes it
 
 
-@replaces(model_mod.head_loss)
-def fused_head_loss(model, h: torch.Tensor, targets: torch.Tensor):
-    tied, model._tied_grad = getattr(model, "_tied_grad", None), None
-    return linear_cross_entropy(h.flatten(0, 1), model.head.weight, targets.reshape(-1).long(), tied)
+def tied_embedding(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """F.embedding(tokens, weight) as a `TiedEmbedding`, linked (through _TIED, keyed by the weight) to the next
+    `take_tied(weight)`, the fused head loss of the same forward, whose backward hands it the head's dW."""
+    _TIED[weight] = tied = _TiedGrad()
+    return TiedEmbedding.apply(weight, tokens, tied)
+
+
+def untied(weight: torch.Tensor) -> None:
+    """A plain lookup follows: drop any link left from an earlier forward (returns None: the reference runs)."""
+    _TIED.pop(weight, None)
+
+
+def take_tied(weight: torch.Tensor) -> _TiedGrad | None:
+    """The link of this forward's tied lookup, if it made one; taken once."""
+    return _TIED.pop(weight, None)

@@ -1,16 +1,13 @@
 """Replaces `layers.linear` (x @ W^T) on the CPU in fp32 with oneDNN's GEMM, the kernel inductor uses for CPU
 linears, for the forward and for dX = dY W; dW = dY^T X stays torch's matmul.
 
-Applies to fp32 CPU tensors without bias, outside autocast and torch.compile, with at least `MIN_ROWS` rows
-(one-token decoding keeps torch's matrix-vector product). `AVAILABLE` is False on torch builds without oneDNN.
+`kernels.layers_linear` (kernels/__init__.py) takes it for fp32 CPU tensors without bias, outside autocast and
+torch.compile, with at least `MIN_ROWS` rows (`use_onednn`). `AVAILABLE` is False on torch builds without oneDNN.
 """
 
 from __future__ import annotations
 
 import torch
-
-from .. import layers
-from . import replaces
 
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 MIN_ROWS = 16  # fewer rows: torch's own matmul
@@ -46,9 +43,3 @@ class OneDNNLinear(torch.autograd.Function):
         dx = onednn_mm(dy2, w.t()).view(*dy.shape[:-1], w.shape[1]) if ctx.needs_input_grad[0] else None
         return dx, (dy2.t() @ x2 if ctx.needs_input_grad[1] else None)
 
-
-@replaces(layers.linear)
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    if bias is None and use_onednn(x, weight):
-        return OneDNNLinear.apply(x, weight)
-    return None

@@ -109,12 +109,16 @@ def test_cpu_kernel_and_padded_v_flash_path_equal_the_reference_in_the_model(mon
         assert torch.allclose(grad, outs[2][1], atol=1e-6, rtol=1e-4)
 
 
-def test_kernels_take_only_what_they_handle():
+def test_kernels_take_only_what_they_handle(monkeypatch):
     """A mask (decoding against a cache) or V as wide as Q/K leaves the reference to run."""
     q, kv, k_pe, cos, sin = attention_inputs(1, 4, 2, 4, 4, 8, requires_grad=False)
     mask = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()
-    assert ka.cpu_causal_attention(q, kv, k_pe, cos, sin, 0.3, 4, mask) is None
-    assert ka.flash_attention(q, kv, k_pe, cos, sin, 0.3, 4, mask) is None
-    assert ka.flash_attention(q, kv, k_pe, cos, sin, 0.3, 4) is None  # v width 8 = q/k width 8: no padding needed
-    assert ka.cpu_causal_attention(q, kv, k_pe, cos, sin, 0.3, 4) is not None
-    assert ka.cpu_causal_attention.replaces is attention.reference
+    assert attention.kernel is kernels.mla_attention
+    args = (attention.reference, q, kv, k_pe, cos, sin, 0.3, 4)
+    assert kernels.mla_attention(*args, mask) is None
+    assert kernels.mla_attention(*args) is not None  # the CPU kernel
+    monkeypatch.setattr(ka, "CPU_MAX_SCORE_BYTES", 0)  # past the CPU kernel's budget: flash, if V needs padding
+    assert kernels.mla_attention(*args) is None  # v width 8 = q/k width 8: no padding needed
+    q, kv, k_pe, cos, sin = attention_inputs(1, 4, 2, 4, 4, 6, requires_grad=False)
+    flash = kernels.mla_attention(attention.reference, q, kv, k_pe, cos, sin, 0.3, 4)  # v width 6 < 8: V padded
+    assert torch.allclose(flash, attention.reference(q, kv, k_pe, cos, sin, 0.3, 4), atol=1e-6)

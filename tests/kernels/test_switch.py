@@ -1,6 +1,8 @@
 """The one switch: with the kernels off a training step runs no custom autograd Function and gives the default
-path's loss and gradients; DSV3_KERNELS=0 and `--no-kernels` turn them off too; the hook machinery itself."""
+path's loss and gradients, and greedy generation the same ids and routing; DSV3_KERNELS=0 and `--no-kernels` turn
+them off too; the fast_path mechanism itself, and imports running one way (reference files -> kernels)."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -72,35 +74,55 @@ def test_bf16_training_step_without_kernels_is_as_close_as_bf16_allows():
         assert err_fast < 0.05 and err_ref < 0.05, (name, err_fast, err_ref)
 
 
-def test_generation_is_the_same_with_and_without_kernels():
+@pytest.mark.parametrize("cache", ["absorbed", "none"])
+def test_generation_is_the_same_with_and_without_kernels(cache):
+    """Greedy `generate_tokens` (prefill through the CPU attention kernel and oneDNN's linears, then decoding steps):
+    the same ids and the same routing with the kernels off."""
     torch.manual_seed(0)
     model = dsv3.DeepSeekV3(small_cfg()).eval()
-    x = torch.randint(0, 512, (2, 12))
     with torch.no_grad():
-        fast = model(x).logits
-        with kernels.disabled():
-            ref = model(x).logits
-    assert (fast - ref).abs().max() <= 1e-5
+        for p in model.parameters():
+            p.mul_(4)  # routing and logits far from uniform: no near-ties for greedy decoding to fall on
+    prompt = torch.randint(0, 512, (2, 20))
+    runs = []
+    for on in (True, False):
+        trace = []
+        with kernels.disabled() if not on else torch.no_grad():
+            ids = torch.stack(list(dsv3.generate_tokens(model, prompt, 12, temperature=0, cache=cache, trace=trace)))
+        runs.append((ids, torch.cat([t[0] for t in trace], 2), torch.cat([t[1] for t in trace], 2)))
+    (ids, experts, gates), (ref_ids, ref_experts, ref_gates) = runs
+    assert ids.shape == (12, 2) and torch.equal(ids, ref_ids)
+    assert experts.shape[2] == 32 and torch.equal(experts, ref_experts)
+    assert (gates - ref_gates).abs().max() <= 1e-5
 
 
-def test_hook_runs_kernels_in_order_and_falls_back_to_the_reference():
+def test_fast_path_takes_the_kernel_where_it_applies_and_the_reference_elsewhere():
     calls = []
 
-    @kernels.hook
+    def only_negative(reference, x):
+        calls.append("kernel")
+        return -2 * -x if x < 0 else None
+
+    @kernels.fast_path(only_negative)
     def double(x):
         calls.append("reference")
         return 2 * x
-
-    @kernels.replaces(double)
-    def only_negative(x):
-        calls.append("kernel")
-        return -2 * -x if x < 0 else None
 
     assert double(3) == 6 and double(-3) == -6
     assert calls == ["kernel", "reference", "kernel"]
     with kernels.disabled():
         assert double(-1) == -2
-    assert calls[-1] == "reference" and only_negative.replaces is double.reference
+    assert calls[-1] == "reference" and double.kernel is only_negative and double.reference(-4) == -8
+
+
+def test_imports_run_one_way_from_the_reference_files_to_the_kernels():
+    """Nothing under dsv3/kernels/ imports a module of dsv3 outside kernels/ (the reference files import kernels)."""
+    for path in sorted((ROOT / "dsv3" / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level != 2 and not (node.module or "").startswith("dsv3"), (path.name, node.module)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("dsv3") for a in node.names), path.name
 
 
 def test_environment_variable_and_cli_flag_turn_the_kernels_off(tmp_path):
