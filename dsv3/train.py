@@ -51,7 +51,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import PRESETS, ModelConfig, SettingError
-from .data import TOKENIZER_NAME, BatchSampler, load_tokens, split_tokens, val_batches
+from .data import TOKENIZER_NAME, BatchSampler, counts_tensor, load_tokens, split_tokens, token_counts, val_batches
 from .distributed import DataParallel, world_size_from_env
 from .model import DeepSeekV3
 from .threads import governor as thread_governor
@@ -374,6 +374,8 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
     with torch.device(device):
         model = DeepSeekV3(model_cfg)
     train_tok, val_tok = split_tokens(load_tokens(cfg.corpus), cfg.val_fraction)
+    counts = token_counts(train_tok, model_cfg.vocab_size)  # saved with every checkpoint: the draft vocabulary
+    model.token_counts = counts_tensor(counts, model_cfg.vocab_size)
     sampler = BatchSampler(train_tok, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)  # global state
     optimizer = make_optimizer(model, cfg, device)
     history = History(run_dir=str(out))
@@ -414,7 +416,7 @@ def _train(cfg: TrainConfig, state: dict | None, t_start: float, dp: DataParalle
     def save(best: bool = False) -> None:
         status("saving")
         meta = {"tokenizer": TOKENIZER_NAME, "train_config": cfg.to_dict(), "sampler": sampler.state_dict(),
-                "history": history.to_dict()}
+                "history": history.to_dict(), "token_counts": counts}
         if main:
             save_checkpoint(out, model, step=step, optimizer=optimizer, meta=meta, keep=cfg.keep, best=best)
         if not best:

@@ -8,6 +8,7 @@ Which variant runs:
   bf16 elsewhere          `_grouped_swiglu` (also under torch.compile: one graph for every block)
   fp32, CPU, training     `KeptGradSwiGLU`: grouped_mm with the backward written out, the weight gradients in
                           kept buffers (buffers.workspace) instead of fresh ones
+  compiled decoding       `gathered`: each of a few rows reads its k experts by index (static shapes)
   CPU inference           `_looped_swiglu`: one matmul per expert that received rows (decoding touches k of N)
 The gate multiplies each row's hidden activation before w2 (the same product as scaling the output, w2 being
 linear, and a third of the work). tests/kernels/test_experts.py checks values and gradients against the reference.
@@ -23,11 +24,14 @@ from . import replaces
 from .buffers import KeptGradCast, workspace
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+GATHER_ROWS = 64  # compiled inference on at most this many rows reads the experts by index (`gathered`)
 
 
 @replaces(moe.routed_experts)
 def sorted_dispatch(experts, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor):
     """x (tokens, dim); indices, gates (tokens, k) -> (tokens, dim)."""
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.shape[0] <= GATHER_ROWS:
+        return gathered(experts, x, indices, gates)  # the compiled decoding step (kernels/decode.py)
     load = moe.expert_load(indices, experts.w1.shape[0])
     k = indices.shape[1]
     order = indices.reshape(-1).argsort(stable=True)  # (token, slot) pairs grouped by expert
