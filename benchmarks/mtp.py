@@ -142,26 +142,25 @@ def step_costs(preset: str, positions, reps: int, calls: int = 8) -> dict:
     return {n: round(v / calls, 3) for n, v in ms.items()}
 
 
-def draft_costs(preset: str, vocabs, D: int, reps: int, calls: int = 8) -> dict:
-    """(e): ms of one MTP block step over D + 1 positions, and of the draft head over K rows (batch 1)."""
+def draft_costs(preset: str, vocabs, widths, reps: int, calls: int = 8) -> dict:
+    """(e): ms of one MTP block step over W = D + 1 positions, and of the draft head over K rows (batch 1)."""
+    from dsv3.kernels.decode import compiled_head, compiled_step
     from dsv3.model import static_step
     from dsv3.speculative import draft_head
 
     torch.manual_seed(0)
     model = dsv3.DeepSeekV3(dsv3.ModelConfig.preset(preset, n_mtp_layers=1)).eval()
-    W, cfg = D + 1, model.cfg
-    mkv = model.new_cache(1, 256)
-    pos = torch.arange(128, 128 + W)
-    h, emb = torch.randn(1, W, cfg.dim), torch.randn(1, W, cfg.dim)
-    cos, sin = model.rope_cos[pos], model.rope_sin[pos]
-    mkv.pos = 128
-    mask = mkv.mask(W, whole_cache=True)
-    from dsv3.kernels.decode import compiled_head, compiled_step
-
+    cfg, mkv = model.cfg, model.new_cache(1, 256)
     fns = {}
-    for name, step in (("mtp block eager", static_step), ("mtp block compiled", compiled_step("cpu"))):
-        fns[name] = lambda step=step: [step(model.mtp[0], (h, emb, cos, sin), mkv.slots(0, pos), mask)
-                                       for _ in range(calls)]
+    for W in widths:
+        pos = torch.arange(128, 128 + W)
+        h, emb = torch.randn(1, W, cfg.dim), torch.randn(1, W, cfg.dim)
+        cos, sin = model.rope_cos[pos], model.rope_sin[pos]
+        mkv.pos = 128
+        mask = mkv.mask(W, whole_cache=True)
+        for name, step in (("eager", static_step), ("compiled", compiled_step("cpu"))):
+            fns[f"mtp block W={W} {name}"] = lambda step=step, a=(h, emb, cos, sin), pos=pos, mask=mask: [
+                step(model.mtp[0], a, mkv.slots(0, pos), mask) for _ in range(calls)]
     x = torch.randn(1, 1, cfg.dim)
     with torch.inference_mode():
         for K in vocabs:
@@ -222,8 +221,8 @@ def main() -> None:
             base = out["step_ms"][f"T=1 {n.split()[1]}"]
             print(f"    {n:<16} {v:8.2f} ms  ({v / base:.2f}x T=1)", flush=True)
         if args.draft_curve:
-            out["draft_ms"] = draft_costs(args.curves, ints(args.draft_vocabs) or [0, 32768, 16384, 8192, 4096], 1,
-                                          args.reps)
+            out["draft_ms"] = draft_costs(args.curves, ints(args.draft_vocabs) or [0, 32768, 16384, 8192, 4096],
+                                          [t for t in ints(args.positions) if t > 1], args.reps)
             print(f"(e) {args.curves}: ms of the draft's parts", flush=True)
             for n, v in out["draft_ms"].items():
                 print(f"    {n:<26} {v:8.3f} ms", flush=True)

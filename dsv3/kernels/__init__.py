@@ -18,7 +18,7 @@ tests/kernels/:
   head.py       `model.head_loss`,       the output head fused with the cross-entropy in row chunks; the tied
                 `model.embed_tokens`     embedding's gradient added into the head's
   buffers.py    (used by the above)      buffers kept from step to step instead of fresh allocations
-  decode.py     `DeepSeekV3.decode_step` one decoding position with static shapes, optionally torch.compile'd
+  decode.py     `DeepSeekV3.decode`'s step  the static decoding step (T positions) torch.compile'd
 """
 
 from __future__ import annotations
