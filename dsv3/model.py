@@ -22,7 +22,7 @@ from torch import nn
 from . import kernels
 from .cache import KVCache, Slots
 from .config import ModelConfig
-from .layers import Expert, RMSNorm, rope_cache, yarn_mscale, yarn_rope_cache
+from .layers import Expert, RMSNorm, linear, rope_cache, yarn_mscale, yarn_rope_cache
 from .mla import GQA, MLA
 from .moe import MoE
 from .mtp import MTPLayer
@@ -165,7 +165,7 @@ class DeepSeekV3(nn.Module):
 
             step, head = compiled_step(tokens.device.type), compiled_head(tokens.device.type)
         else:
-            step, head = static_step, F.linear
+            step, head = static_step, linear
         T = tokens.shape[1]
         pos = torch.arange(cache.pos, cache.pos + T, device=self.rope_cos.device)
         cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)

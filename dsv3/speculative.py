@@ -26,9 +26,9 @@ shapes are static like the verifying step's.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .cache import KVCache
+from .layers import linear
 from .model import static_step
 from .sampling import accept_ratio, draw, probabilities, residual, sample
 from .threads import governed
@@ -153,7 +153,7 @@ def speculative_loop(model, seq, P, key_mask, sampling, cache, trace=None, draft
         mkv.pos = s
         mask = mkv.mask(n - 1 - s, whole_cache=True)
         fast = compile and n - 1 - s == W
-        step, head = (step_c, head_c) if fast else (static_step, F.linear)
+        step, head = (step_c, head_c) if fast else (static_step, linear)
         h, qs = hid[:, s:n - 1], []
         for k in range(1, k_use + 1):
             layer = model.mtp[min(k, len(model.mtp)) - 1]  # deeper than trained: the last module again

@@ -3,8 +3,8 @@ linears, for the forward and for dX = dY W; dW = dY^T X stays torch's matmul.
 
 Applies to fp32 CPU tensors without bias, outside autocast and torch.compile, with at least `MIN_ROWS` rows
 (one-token decoding keeps torch's matrix-vector product). `AVAILABLE` is False on torch builds without oneDNN.
-Under torch.compile, inference on 2 to `FEW_ROWS` rows (a decoding step of a few positions, kernels/decode.py) is
-computed as W x^T: the BLAS call then streams the weight once for all rows, where x W^T of so few rows does not
+Inference on 2 to `FEW_ROWS` rows (a decoding step of a few positions or rows, eager or compiled) is computed as
+W x^T: the BLAS call then streams the weight once for all rows, where x W^T of so few rows does not
 (`python benchmarks/mtp.py --curves 174m`).
 """
 
@@ -17,7 +17,7 @@ from . import replaces
 
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 MIN_ROWS = 16  # fewer rows: torch's own matmul
-FEW_ROWS = 8  # compiled inference on 2 .. FEW_ROWS rows: W x^T
+FEW_ROWS = 8  # inference on 2 .. FEW_ROWS rows: W x^T
 
 
 def onednn_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -57,8 +57,7 @@ def few_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def use_few_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and torch.compiler.is_compiling() and not torch.is_grad_enabled()
-            and 1 < x.numel() // x.shape[-1] <= FEW_ROWS)
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and 1 < x.numel() // x.shape[-1] <= FEW_ROWS
 
 
 @replaces(layers.linear)
