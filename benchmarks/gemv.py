@@ -5,12 +5,12 @@
 A batch-1 decoding step multiplies one row by every weight: matrix-vector products, bound by reading the
 weights. `DeepSeekV3.decode_step(compiled=True)` compiles its blocks with `dsv3.kernels.decode._options`
 (inductor's decompose_mm_pass: each one-row matmul becomes a fused multiply-reduce) and runs the head as the
-compiled multiply-reduce `dsv3.kernels.decode.head_decode`. This times that step (random weights, 32 new tokens from
+compiled multiply-reduce `dsv3.kernels.decode.head`. This times that step (random weights, 32 new tokens from
 position 32, interleaved repetitions, median ms per token) three ways:
   before      blocks compiled with cpp_wrapper only (torch's BLAS, MKL on x86, for the matmuls), eager head
   +blocks     blocks compiled with _decode_options, eager head
   +head       both: what decode_step runs
-and the head alone, eager F.linear vs compiled `_head_decode`, with the weight bytes read per second.
+and the head alone, eager F.linear vs compiled `head`, with the weight bytes read per second.
 """
 
 import argparse
@@ -21,6 +21,7 @@ from bench import interleaved
 
 import dsv3
 import dsv3.kernels.decode as dec
+from dsv3.model import static_step
 
 
 def main() -> None:
@@ -34,19 +35,19 @@ def main() -> None:
     model = dsv3.DeepSeekV3(cfg).eval()
     cache = model.new_cache(1, 2 * args.tokens)
     tok = torch.zeros(1, 1, dtype=torch.long)
-    compiled_block, compiled_head = dec.compiled_block_decode, dec.compiled_head_decode
+    compiled_block, compiled_head = dec.compiled_step, dec.compiled_head
     blocks = {
-        "mkl": torch.compile(dec.block_decode, fullgraph=True, options={"cpp_wrapper": True}),
-        "decompose": compiled_block("cpu"),
+        "mkl": torch.compile(static_step, fullgraph=True, options={"cpp_wrapper": True}),
+        "decompose": compiled_block(static_step, "cpu"),
     }
 
     def eager_head(device_type):
-        return lambda norm, w, x: F.linear(norm(x)[:, -1], w)
+        return F.linear
 
     def variant(block, head):
         def run():
-            dec.compiled_block_decode = lambda device_type: blocks[block]
-            dec.compiled_head_decode = head
+            dec.compiled_step = lambda step, device_type: blocks[block]
+            dec.compiled_head = head
             cache.pos = args.tokens
             for _ in range(args.tokens):
                 model.decode_step(tok, cache, compiled=True)
@@ -58,12 +59,12 @@ def main() -> None:
     x = torch.randn(1, 1, cfg.dim)
     head_fn = compiled_head("cpu")
     fns["head eager"] = lambda: [F.linear(model.norm(x)[:, -1], w) for _ in range(args.tokens)]
-    fns["head compiled"] = lambda: [head_fn(model.norm, w, x) for _ in range(args.tokens)]
+    fns["head compiled"] = lambda: [head_fn(model.norm(x), w) for _ in range(args.tokens)]
     try:
         with torch.no_grad():
             res = interleaved(fns, reps=args.reps, warmup=1)
     finally:
-        dec.compiled_block_decode, dec.compiled_head_decode = compiled_block, compiled_head
+        dec.compiled_step, dec.compiled_head = compiled_block, compiled_head
     print(f"{args.preset}, batch 1, fp32, threads {torch.get_num_threads()}: ms per token (median of {args.reps})")
     for name, r in res.items():
         ms = r["median"] / args.tokens * 1e3

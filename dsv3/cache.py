@@ -4,6 +4,8 @@ For MLA only the latent is cached: c_kv (kv_lora_rank values, DeepSeek-V2 eq. 9)
 k_pe (qk_rope_head_dim values, eq. 15) per token per layer; for the GQA baseline, every KV head's k and v.
 The cache is preallocated for the whole generation; `pos` counts the positions written so far, and
 `key_mask` (B, max_len), when set, marks real tokens (False = left padding that no query may attend to).
+`Slots` is one layer of it as the static decoding step sees it (positions given as a tensor, every slot visible
+to the mask), so that one compiled graph serves every position.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ class KVCache:
             out.append(store[layer].narrow(seq_dim, 0, s + T).to(t.dtype))
         return tuple(out)
 
+    def slots(self, layer: int, pos: torch.Tensor) -> Slots:
+        """Layer `layer` as the static decoding step writes it: T new entries at positions `pos` (T,)."""
+        return Slots(tuple(t[layer] for t in self.tensors), pos, self.absorb)
+
     def mask(self, T: int, whole_cache: bool = False) -> torch.Tensor | None:
         """Boolean (B|1, 1, T, S) attention mask for T new positions against S = pos + T keys (True = may attend);
         None for a plain causal prefill (nothing cached yet, no padding). whole_cache=True: against all
@@ -67,3 +73,20 @@ class KVCache:
             mask = (mask & self.key_mask[:, None, :S]) | (k_pos[None, :] == q_pos[:, None])
             return mask[:, None]
         return mask[None, None]
+
+
+class Slots:
+    """One layer of a preallocated KVCache for T new positions per row given as a tensor `pos` (T,): the new
+    entries are written there with index_copy_, and attention sees all max_len slots under the step's mask
+    (`KVCache.mask(T, whole_cache=True)`). No Python int changes from step to step, so a compiled step keeps
+    one graph. Block.forward takes it where it takes a KVCache (`absorb`, `update`)."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], pos: torch.Tensor, absorb: bool = True):
+        self.tensors, self.pos, self.absorb = tensors, pos, absorb
+
+    def update(self, layer: int, *new: torch.Tensor, seq_dim: int = 1) -> tuple[torch.Tensor, ...]:
+        """Write the new entries at `pos`; return every slot, in the new entries' dtype (the mask hides the slots
+        not written yet, or written by rejected drafts). `layer` is unused: a Slots is one layer already."""
+        for store, t in zip(self.tensors, new, strict=True):
+            store.index_copy_(seq_dim, self.pos, t.to(store.dtype))
+        return tuple(store.to(t.dtype) for store, t in zip(self.tensors, new, strict=True))

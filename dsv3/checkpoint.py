@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from .config import ModelConfig
+from .data import counts_tensor
 from .model import DeepSeekV3
 
 FORMAT = "dsv3-checkpoint/1"
@@ -326,5 +327,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu", with_state: 
     with torch.device(map_location):
         model = DeepSeekV3(cfg)
     load_weights(model, ckpt)
+    if "token_counts" in meta:  # the training split's token counts: speculative decoding's draft vocabulary
+        model.token_counts = counts_tensor(meta["token_counts"], cfg.vocab_size)
     model.eval()
     return (model, load_state(ckpt)) if with_state else model

@@ -224,3 +224,20 @@ def val_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: 
     n = len(starts) if max_batches is None else min(len(starts), max_batches * batch_size)
     for i in range(0, n, batch_size):
         yield windows(tokens, starts[i: min(i + batch_size, n)], seq_len)
+
+
+def token_counts(tokens: np.ndarray, vocab_size: int) -> dict:
+    """How often each id occurs in `tokens` (the training split), as JSON for a checkpoint's meta.json: the ids that
+    occur, ascending, and their counts. Speculative decoding drafts over the most frequent ones."""
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size)
+    ids = np.flatnonzero(counts)
+    return {"ids": ids.tolist(), "counts": counts[ids].tolist()}
+
+
+def counts_tensor(counts: dict, vocab_size: int) -> torch.Tensor:
+    """`token_counts`' JSON back as a (vocab_size,) tensor of counts."""
+    out = torch.zeros(vocab_size, dtype=torch.float64)
+    ids = torch.tensor(counts["ids"], dtype=torch.long)
+    if len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < vocab_size):
+        raise ValueError(f"token_counts hold ids outside [0, vocab_size={vocab_size})")
+    return out.index_put_((ids,), torch.tensor(counts["counts"], dtype=torch.float64))

@@ -5,7 +5,7 @@ Holds
                                           with return_trace=True a `Generation` (ids, per-token texts, routing)
   stream(model, prompt, ...)           -> iterator of text pieces, each yielded once it is valid UTF-8
   generate_tokens(model, tokens, ...)  -> the token-level loop under both: yields (B,) next ids per step
-  sample(logits, ...)                  -> greedy / temperature / top-k / top-p (nucleus) choice of the next id
+  sample, probabilities, draw          -> sampling.py's, re-exported (greedy / temperature / top-k / top-p)
   add_cli_args, cmd_generate           -> `python -m dsv3 generate` (loads with checkpoint.load_checkpoint)
 Cache modes: "absorbed" (default: attention runs against the cached latent c_kv, DeepSeek-V2 §2.1.2),
 "naive" (the cached latent is up-projected to per-head keys and values every step) and "none" (the
@@ -19,7 +19,8 @@ checkpoint's tokenizer.json (`dsv3.from_hf`), whose prompts start with its bos i
 Randomness comes only from a `torch.Generator` (the `seed` argument), never from the global RNG.
 `dsv3.generate` is the function (the package exports it over this module's name): reach the rest
 with `from dsv3.generate import generate_tokens, sample`.
-speculative=True hands the loop to speculative.py (the model's MTP modules draft, one forward verifies).
+speculative=True hands the loop to speculative.py (the model's MTP modules draft over the `draft_vocab` most
+frequent tokens, `n_drafts` of them per round, and one static step verifies).
 Deliberately not here: beam search, repetition penalties, the checkpoint format.
 """
 
@@ -36,13 +37,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import kernels
 from .config import SettingError
 from .data import EOT, get_tokenizer
-from .model import DeepSeekV3
+from .model import COMPILE_NEEDS_KERNELS, DeepSeekV3
+from .sampling import draw, probabilities, sample  # noqa: F401 (public here too: dsv3.generate.sample)
 from .threads import fix as fix_threads
 from .threads import governed
+from .trace import Routes
 
 CACHE_MODES = ("absorbed", "naive", "none")
+MAX_DRAFTS = 8  # drafts per speculative round at most
 
 
 @dataclass
@@ -59,6 +64,8 @@ class Generation:
     # speculative=True: per generated token, the MTP draft proposed for its position (None: no draft, the main
     # model chose alone). The token equals its draft exactly when the draft was accepted.
     drafts: list[int | None] | None = None
+    draft_depths: list[int | None] | None = None  # per generated token, the depth 1..D that drafted it (None: none)
+    draft_vocab: int | None = None  # speculative=True: how many of the head's rows the draft scored
 
     @property
     def drafted(self) -> int:
@@ -68,12 +75,26 @@ class Generation:
     @property
     def accepted(self) -> int:
         """Drafts the main model accepted."""
-        return sum(d == t for d, t in zip(self.drafts or [], self.tokens[self.n_prompt:], strict=True) if d is not None)
+        if not self.drafts:
+            return 0
+        return sum(d == t for d, t in zip(self.drafts, self.tokens[self.n_prompt:], strict=True) if d is not None)
 
     @property
     def acceptance_rate(self) -> float | None:
         """accepted / drafted (None when nothing was drafted)."""
         return self.accepted / self.drafted if self.drafted else None
+
+    def acceptance_by_depth(self) -> list[float | None]:
+        """accepted / drafted for the drafts of depth 1, 2, .. D (None where a depth drafted nothing)."""
+        if not self.drafts:
+            return []
+        pairs = list(zip(self.drafts, self.draft_depths, self.tokens[self.n_prompt:], strict=True))
+        D = max((k for _, k, _ in pairs if k), default=0)
+        rates = []
+        for depth in range(1, D + 1):
+            kept = [d == t for d, k, t in pairs if k == depth]
+            rates.append(sum(kept) / len(kept) if kept else None)
+        return rates
 
     def top_experts(self) -> torch.Tensor:
         """(n_moe_layers, len(tokens)): the expert with the largest gate weight for each token."""
@@ -88,7 +109,8 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _check_sampling(model, temperature, top_k, top_p, cache, compile=False, speculative=False) -> None:
+def _check_sampling(model, temperature, top_k, top_p, cache, compile=False, speculative=False, draft_vocab=None,
+                    n_drafts=None) -> None:
     if not isinstance(model, DeepSeekV3):
         raise ValueError(f"model must be a dsv3.DeepSeekV3, got {type(model).__name__}")
     if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) or \
@@ -106,8 +128,16 @@ def _check_sampling(model, temperature, top_k, top_p, cache, compile=False, spec
     if compile and (cache != "absorbed" or model.cfg.attn != "mla"):
         raise ValueError(f"compile=True needs an MLA model and cache='absorbed' (got attn={model.cfg.attn!r}, "
                          f"cache={cache!r})")
+    if compile and not kernels.enabled():
+        raise ValueError(COMPILE_NEEDS_KERNELS)
     if not isinstance(speculative, bool):
         raise ValueError(f"speculative must be True or False, got {speculative!r}")
+    if draft_vocab is not None and (not _is_int(draft_vocab) or draft_vocab < 0):
+        raise ValueError(f"draft_vocab must be an int >= 0 (the draft's vocabulary size, 0 = all {V} tokens) or "
+                         f"None (the default), got {draft_vocab!r}")
+    if n_drafts is not None and (not _is_int(n_drafts) or not 1 <= n_drafts <= MAX_DRAFTS):
+        raise ValueError(f"n_drafts must be an int in [1, {MAX_DRAFTS}] or None (the model's n_mtp_layers), "
+                         f"got {n_drafts!r}")
     if speculative:
         if model.cfg.n_mtp_layers == 0:
             raise ValueError("speculative=True drafts with the model's multi-token prediction modules, and this "
@@ -142,46 +172,12 @@ def _generator(seed, device: torch.device) -> torch.Generator | None:
 
 # --- token level ---
 
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next ids (B,) from logits (B, V). temperature 0 = greedy (argmax); top_k 0 and top_p 1 = off.
-
-    top-k keeps the k largest logits; top-p (nucleus, Holtzman et al. 2019) keeps the smallest set of
-    most likely tokens whose probability reaches top_p (the most likely token is always kept).
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    return draw(probabilities(logits, temperature, top_k, top_p), generator)
-
-
-def probabilities(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """The distribution (B, V), fp32, that `sample` draws from for temperature > 0: softmax(logits / temperature)
-    restricted to the top-k and the nucleus (`sample`'s docstring), renormalised."""
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        p = sorted_logits.softmax(dim=-1)
-        drop = p.cumsum(dim=-1) - p >= top_p  # the tokens before this one already reach top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits.softmax(dim=-1)
-
-
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One id per row (B,) from probabilities (B, V), with `generator`'s random stream."""
-    device = probs.device
-    if generator is not None:
-        probs = probs.to(generator.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(device)
-
-
 def generate_tokens(model: DeepSeekV3, tokens: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, seed=None, cache: str = "absorbed",
                     key_mask: torch.Tensor | None = None, trace: list | None = None,
-                    compile: bool = False, speculative: bool = False,
-                    drafts: list | None = None) -> Iterator[torch.Tensor]:
+                    compile: bool = False, speculative: bool = False, draft_vocab: int | None = None,
+                    n_drafts: int | None = None, drafts: list | None = None,
+                    draft_depths: list | None = None) -> Iterator[torch.Tensor]:
     """Yield the next id of every row, a (B,) tensor, up to max_new_tokens times. Stop early by breaking.
 
     tokens (B, P) are the prompts, left-padded; key_mask (B, P) marks the real tokens (False = padding).
@@ -193,10 +189,12 @@ def generate_tokens(model: DeepSeekV3, tokens: torch.Tensor, max_new_tokens: int
     steps through `DeepSeekV3.decode_step(compiled=True)` (torch.compile; the first call compiles for a while).
     speculative=True drafts with the model's MTP modules and verifies the drafts in one forward (speculative.py):
     greedy ids are identical to plain decoding's, sampled ids follow the same distribution; with compile=True the
-    verifying forwards run compiled. `drafts` (a list) then receives, per yielded step, the (B,) ids of the drafts
-    proposed for it (-1: none).
+    verifying and drafting steps run compiled. draft_vocab: the draft scores the K most frequent tokens only
+    (None: speculative.DRAFT_VOCAB, 0: the whole vocabulary); n_drafts: drafts per round (None: the model's
+    n_mtp_layers; more than it reuses the last module). `drafts` (a list) then receives, per yielded step, the
+    (B,) ids of the drafts proposed for it (-1: none), and `draft_depths` (a list) the depth that drafted it (0).
     """
-    _check_sampling(model, temperature, top_k, top_p, cache, compile, speculative)
+    _check_sampling(model, temperature, top_k, top_p, cache, compile, speculative, draft_vocab, n_drafts)
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] < 1:
         raise ValueError(f"tokens must be a (batch, prompt_len >= 1) tensor, got {getattr(tokens, 'shape', tokens)}")
     _check_length(model, tokens.shape[1], max_new_tokens)
@@ -204,10 +202,12 @@ def generate_tokens(model: DeepSeekV3, tokens: torch.Tensor, max_new_tokens: int
         raise ValueError(f"key_mask must be a bool tensor shaped like tokens {tuple(tokens.shape)}")
     gen = _generator(seed, model.embed.weight.device)  # checked even when greedy leaves it unused
     if speculative:
-        from .speculative import speculative_loop
+        from .speculative import DRAFT_VOCAB, speculative_loop
 
-        return speculative_loop(model, tokens, max_new_tokens, (temperature, top_k, top_p, gen), cache, key_mask,
-                                trace, drafts, compile)
+        seq, key_mask = _sequence(model, tokens, max_new_tokens, key_mask)
+        return speculative_loop(model, seq, tokens.shape[1], key_mask, (temperature, top_k, top_p, gen), cache,
+                                trace, drafts, draft_depths, compile,
+                                DRAFT_VOCAB if draft_vocab is None else draft_vocab, n_drafts)
     return _loop(model, tokens, max_new_tokens, (temperature, top_k, top_p, gen), cache, key_mask, trace, compile)
 
 
@@ -270,37 +270,6 @@ def _loop(model, tokens, max_new_tokens, sampling, cache, key_mask, trace, compi
     finally:
         model.train(was_training)
         Routes.detach(moes, routes)
-
-
-class Routes:
-    """The routing trace's observer of one MoE gate, attached for a decoding loop: the top-k expert ids and gates
-    of the gate's last forward, each (B, positions, k). It goes in `Gate.observers`, not in a forward hook: in
-    torch.compile'd decoding (torch 2.13) a hook registered after the first compile was not called."""
-
-    def __init__(self, batch: int):
-        self.batch, self.ids, self.gates = batch, None, None
-
-    def __call__(self, indices: torch.Tensor, gates: torch.Tensor) -> None:
-        self.ids = indices.view(self.batch, -1, indices.shape[-1])
-        self.gates = gates.view(self.batch, -1, gates.shape[-1])
-
-    @staticmethod
-    def attach(moes, batch: int) -> list[Routes]:
-        routes = [Routes(batch) for _ in moes]
-        for m, r in zip(moes, routes, strict=True):
-            m.gate.observers.append(r)
-        return routes
-
-    @staticmethod
-    def detach(moes, routes: list[Routes]) -> None:
-        for m, r in zip(moes, routes, strict=False):
-            m.gate.observers.remove(r)
-
-    @staticmethod
-    def stack(routes: list[Routes], positions: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """(expert ids, gates) of every observed layer at `positions`, each (layers, B, positions, k)."""
-        return (torch.stack([r.ids[:, positions] for r in routes]),
-                torch.stack([r.gates[:, positions].float() for r in routes]))
 
 
 # --- text level ---
@@ -367,9 +336,10 @@ def _text_codec(model):
 
 
 def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, cache, trace, compile,
-             speculative=False, drafts=None):
-    """Check everything, tokenize and left-pad; return the rows and the token iterator."""
-    _check_sampling(model, temperature, top_k, top_p, cache, compile, speculative)
+             speculative=False, drafts=None, draft=(None, None, None)):
+    """Check everything, tokenize and left-pad; return the rows and the token iterator. draft: (draft_vocab,
+    n_drafts, the list for the drafts' depths)."""
+    _check_sampling(model, temperature, top_k, top_p, cache, compile, speculative, *draft[:2])
     if isinstance(stop, str):
         stop = (stop,)
     if stop is None:
@@ -389,7 +359,8 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, st
         key_mask[i, P - len(row):] = True
     steps = generate_tokens(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, cache=cache, key_mask=key_mask, trace=trace, compile=compile,
-                            speculative=speculative, drafts=drafts)
+                            speculative=speculative, draft_vocab=draft[0], n_drafts=draft[1], drafts=drafts,
+                            draft_depths=draft[2])
     return [_Row(row, tuple(stop), enc=enc, eot=eot) for row in ids], steps
 
 
@@ -413,7 +384,8 @@ def _drive(rows: list[_Row], steps, max_new_tokens: int) -> Iterator[list[_Row]]
 def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 200, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | torch.Generator | None = None,
              stop: str | list[str] | None = None, cache: str = "absorbed", return_trace: bool = False,
-             on_text=None, compile: bool = False, cancel=None, speculative: bool = False):
+             on_text=None, compile: bool = False, cancel=None, speculative: bool = False,
+             draft_vocab: int | None = None, n_drafts: int | None = None):
     """Continue `prompt` (a string, or a list of strings generated together as one left-padded batch).
 
     Stops at <|endoftext|>, at the first of the `stop` strings (cut from the text) or after
@@ -428,7 +400,9 @@ def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 2
     ends there (finish_reason "cancelled") and returns what it has, trace included (a UI's Stop button).
     speculative=True decodes with the model's multi-token prediction modules as the draft (speculative.py; the
     model needs n_mtp_layers >= 1): the same greedy text, the same sampling distribution, fewer main-model
-    forwards; `Generation.drafts` / `.acceptance_rate` then tell which drafts were kept.
+    forwards; `Generation.drafts` / `.acceptance_rate` / `.acceptance_by_depth()` then tell which drafts were
+    kept, and `.draft_vocab` how many tokens the draft scored. draft_vocab: the draft scores only the K most
+    frequent tokens (None: speculative.DRAFT_VOCAB; 0: all); n_drafts: drafts per round (None: n_mtp_layers).
     """
     batch = not isinstance(prompt, str)
     prompts = list(prompt) if batch and isinstance(prompt, (list, tuple)) else [prompt]
@@ -436,8 +410,9 @@ def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 2
         raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
     chunks = [] if return_trace else None
     drafts = [] if return_trace and speculative else None
+    depths = [] if return_trace and speculative else None
     rows, steps = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, cache, chunks,
-                           compile, speculative, drafts)
+                           compile, speculative, drafts, (draft_vocab, n_drafts, depths))
     for _ in _drive(rows, steps, max_new_tokens):
         if on_text is not None:
             on_text([r.ready() for r in rows] if batch else rows[0].ready())
@@ -454,6 +429,11 @@ def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 2
         out = [r.text for r in rows]
         return out if batch else out[0]
     L = len(model.moe_layers())
+    K = None
+    if speculative:
+        from .speculative import DRAFT_VOCAB, draft_rows
+
+        K = draft_rows(model, DRAFT_VOCAB if draft_vocab is None else draft_vocab)
     ids = torch.cat([c[0] for c in chunks], dim=2).cpu() if chunks else None
     gates = torch.cat([c[1] for c in chunks], dim=2).cpu() if chunks else None
     P = max(len(r.prompt) for r in rows)
@@ -463,15 +443,17 @@ def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 2
         span = slice(P - len(r.prompt), P - len(r.prompt) + len(tokens))
         empty = torch.zeros(L, len(tokens), 0)
         proposed = None if drafts is None else [int(d[i]) if d[i] >= 0 else None for d in drafts[:len(r.new)]]
+        by = None if depths is None else [k or None for k in depths[:len(r.new)]]
         results.append(Generation(r.text, tokens, len(r.prompt), r.token_texts, r.finish,
                                   ids[:, i, span] if ids is not None else empty.long(),
-                                  gates[:, i, span] if gates is not None else empty, proposed))
+                                  gates[:, i, span] if gates is not None else empty, proposed, by, K))
     return results if batch else results[0]
 
 
 def stream(model: DeepSeekV3, prompt: str, max_new_tokens: int = 200, *, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, seed: int | torch.Generator | None = None, stop: str | list[str] | None = None,
-           cache: str = "absorbed", compile: bool = False, speculative: bool = False) -> Iterator[str]:
+           cache: str = "absorbed", compile: bool = False, speculative: bool = False, draft_vocab: int | None = None,
+           n_drafts: int | None = None) -> Iterator[str]:
     """Like `generate` for one prompt, but yield the continuation piece by piece as it is decoded.
 
     A piece is yielded as soon as it is valid UTF-8 (a character split across tokens waits for its last
@@ -481,7 +463,7 @@ def stream(model: DeepSeekV3, prompt: str, max_new_tokens: int = 200, *, tempera
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string (stream takes one prompt), got {type(prompt).__name__}")
     rows, steps = _prepare(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, stop, cache, None,
-                           compile, speculative)
+                           compile, speculative, None, (draft_vocab, n_drafts, None))
 
     def pieces() -> Iterator[str]:
         shown = 0
@@ -536,6 +518,11 @@ def add_cli_args(p) -> None:
     p.add_argument("--speculative", action="store_true",
                    help="draft with the checkpoint's multi-token prediction modules and verify the drafts in one "
                         "forward (needs a model trained with --mtp-layers; same greedy text)")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="K",
+                   help="with --speculative: the draft scores the K most frequent tokens only, 0 = all "
+                        "(default: dsv3.speculative.DRAFT_VOCAB)")
+    p.add_argument("--drafts", type=int, default=None, metavar="D",
+                   help="with --speculative: drafts per round (default: the model's MTP depths)")
     p.add_argument("--no-kernels", action="store_true", help="run the plain reference model (dsv3.kernels off)")
 
 
@@ -551,8 +538,9 @@ def _max_new_tokens(text: str) -> int | None:
 
 def _flagged(e: ValueError) -> str:
     """The message with the parameter it starts with named as its flag: "--top-p must be in (0, 1] ..."."""
-    flags = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
-    msg = SettingError(str(e)).named(lambda n: f"--{n.replace('_', '-')}" if n in flags else None)
+    flags = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "draft_vocab")
+    msg = SettingError(str(e)).named(lambda n: "--drafts" if n == "n_drafts" else
+                                     f"--{n.replace('_', '-')}" if n in flags else None)
     if msg.startswith("--max-new-tokens must"):
         msg += " (leave --max-new-tokens out to fill the context)"
     return msg
@@ -619,7 +607,8 @@ def _run_ids(args, model, ids: list[int], max_new: int) -> tuple[int, int, int]:
     try:
         steps = generate_tokens(model, torch.tensor([ids], device=device), max_new, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, cache=args.cache,
-                                compile=args.compile, speculative=args.speculative, drafts=drafts)
+                                compile=args.compile, speculative=args.speculative, draft_vocab=args.draft_vocab,
+                                n_drafts=args.drafts, drafts=drafts)
     except ValueError as e:
         raise ValueError(_flagged(e)) from None
     out = [int(t) for t in steps]
@@ -642,7 +631,8 @@ def _run_text(args, model, max_new: int):
     try:  # every argument is checked before the first piece is printed
         g = generate(model, args.prompt, max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                      seed=args.seed, stop=args.stop, cache=args.cache, compile=args.compile, return_trace=True,
-                     speculative=args.speculative, on_text=on_text if args.stream else None)
+                     speculative=args.speculative, draft_vocab=args.draft_vocab, n_drafts=args.drafts,
+                     on_text=on_text if args.stream else None)
     except ValueError as e:
         raise ValueError(_flagged(e)) from None
     print(g.text[shown:] if shown is not None else args.prompt + g.text)

@@ -20,14 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .cache import KVCache
+from .cache import KVCache, Slots
 from .config import ModelConfig
-from .layers import Expert, RMSNorm, rope_cache, yarn_mscale, yarn_rope_cache
+from .layers import Expert, RMSNorm, linear, rope_cache, yarn_mscale, yarn_rope_cache
 from .mla import GQA, MLA
 from .moe import MoE
 from .mtp import MTPLayer
 
 IGNORE_INDEX = -100  # a target that is not scored (padding)
+COMPILE_NEEDS_KERNELS = ("compile=True runs the decoding step through dsv3.kernels (kernels/decode.py), which are "
+                         "switched off (kernels.disabled(), DSV3_KERNELS=0 or --no-kernels): decode without compile, "
+                         "or turn the kernels on")
 
 
 @dataclass
@@ -86,6 +89,13 @@ def head_loss(model: DeepSeekV3, h: torch.Tensor, targets: torch.Tensor) -> torc
     return F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1).long(), ignore_index=IGNORE_INDEX)
 
 
+def static_step(module: nn.Module, inputs: tuple, slots: Slots, mask: torch.Tensor) -> torch.Tensor:
+    """module(*inputs, slots, mask, losses=False)[0]: a Block (inputs x, cos, sin) or an MTPLayer (h, emb, cos,
+    sin) over T new positions against one layer of the cache (`KVCache.slots`). The body of the decoding step,
+    eager or compiled (kernels/decode.py): the blocks' own forward, no copy of it."""
+    return module(*inputs, slots, mask, losses=False)[0]
+
+
 class DeepSeekV3(nn.Module):
     """Token embedding, n_layers Blocks, a final RMSNorm and the output head (tied to the embedding by default)."""
 
@@ -141,18 +151,42 @@ class DeepSeekV3(nn.Module):
         for block in [*self.layers, *(m.block for m in self.mtp or [])]:  # MTP blocks: T - k positions
             block.compile()
 
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, cache: KVCache, *, compiled: bool = False) -> ModelOutput:
+        """forward(tokens, cache=cache) for T new positions per row, tokens (B, T), with static shapes: the
+        positions are a tensor and every block attends over the whole preallocated cache under a mask (`Slots`),
+        so with compiled=True one torch.compile'd graph serves every position and every block (kernels/decode.py).
+        Plain decoding runs T = 1, speculative verification T = 1 + drafts. The cache advances by T.
+        -> logits (B, T, vocab) and hidden (B, T, dim), after the final norm. No gradients, no router losses."""
+        if compiled:
+            if not kernels.enabled():
+                raise ValueError(COMPILE_NEEDS_KERNELS)
+            from .kernels.decode import compiled_head, compiled_step
+
+            step, head = compiled_step(static_step, tokens.device.type), compiled_head(tokens.device.type)
+        else:
+            step, head = static_step, linear
+        T = tokens.shape[1]
+        pos = torch.arange(cache.pos, cache.pos + T, device=self.rope_cos.device)
+        cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)
+        mask = cache.mask(T, whole_cache=True)  # the slots written so far, minus padding
+        x = self.embed(tokens)
+        for block in self.layers:
+            x = step(block, (x, cos, sin), cache.slots(block.layer_id, pos), mask)
+        cache.pos += T
+        h = self.norm(x)
+        return ModelOutput(logits=head(h, self.head.weight), hidden=h)
+
+    @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, cache: KVCache, *, compiled: bool = False) -> torch.Tensor:
         """Logits (B, vocab) of one new position per row, tokens (B, 1), against an absorbed MLA cache, which
-        advances by one: forward(tokens, cache=cache) with static shapes, so that with compiled=True every block
-        runs one torch.compile'd graph for all positions (kernels/decode.py). No gradients, no router losses."""
-        from .kernels.decode import decode_step
-
+        advances by one: `decode` with T = 1."""
         if self.cfg.attn != "mla" or not cache.absorb:
             raise ValueError("decode_step needs an MLA model and an absorbed cache (new_cache(..., absorb=True))")
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] != 1:
             raise ValueError(f"decode_step takes tokens of shape (batch, 1), got {getattr(tokens, 'shape', tokens)}")
         check_inputs(self.cfg, tokens, None, cache)
-        return decode_step(self, tokens, cache, compiled)
+        return self.decode(tokens, cache, compiled=compiled).logits[:, -1]
 
     def update_router_bias(self) -> None:
         """Aux-loss-free balancing: apply each gate's bias update (call once per optimizer step)."""

@@ -6,11 +6,13 @@ state, after its final RMSNorm) with the embedding of token t_{i+k}, each RMS-no
 runs one Transformer block (eq. 22; MLA + MoE, the same `Block` class as the trunk), normalises the result
 (DeepSeek's `shared_head.norm`) and predicts t_{i+k+1} through the output head shared with the main model (eq. 23).
 The normalised h_i^k is also what depth k + 1 receives: the causal chain across depths. The embedding and the
-output head are the main model's own tensors, never copies. Where the paper leaves the detail open, this follows
-DeepSeek's released weights as transformers' `MtpLayer` reads them: the embedding half comes first in the
-concatenation, and depth 1 sees the main model's hidden state after its final norm.
-The training objective (eq. 24-25) and the speculative decoding that uses these layers as a draft live in
-model.py and speculative.py; nothing here knows about losses, caches' bookkeeping or sampling.
+output head are the main model's own tensors, never copies. Eq. 21 as printed puts RMSNorm(h_i^{k-1}) first;
+DeepSeek's released weights and transformers concatenate the embedding first, which is what this follows (and
+writes above); depth 1 sees the main model's hidden state after its final norm, as they do. The loss weight
+lambda (config.mtp_loss_weight, eq. 25) is 0.3 for DeepSeek-V3's first 10T training tokens and 0.1 after.
+The training objective (eq. 24-25) and the speculative decoding that uses these layers as a draft (through the
+same static step as the trunk's blocks, `model.static_step`) live in model.py and speculative.py; nothing here
+knows about losses, caches' bookkeeping or sampling.
 """
 
 from __future__ import annotations

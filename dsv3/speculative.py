@@ -1,22 +1,26 @@
 """Self-speculative decoding with the model's own multi-token prediction modules (DeepSeek-V3 §2.2) as the draft.
 
 Each round, with tokens t_0 .. t_{n-1} decided and the main model's hidden states h_0 .. h_{n-2} known:
-  draft   -- MTP depth k (k = 1 .. D) reads h^{k-1} and the tokens k ahead and proposes d_k for position n + k - 1;
-             depth k > 1 reads the drafts of the depths before it (the causal chain of eq. 21-23);
-  verify  -- the main model runs [t_{n-1}, d_1 .. d_D] in ONE forward over its latent cache: D + 1 logits;
+  draft   -- depth k (k = 1 .. D) reads h^{k-1} and the tokens k ahead and proposes d_k for position n + k - 1;
+             depth k > 1 reads the drafts of the depths before it (the causal chain of eq. 21-23). A model with
+             fewer trained modules than D reuses its last one on its own output (as SGLang and TensorRT-LLM do);
+             every depth has its own layer of the MTP cache. The draft scores only the K most frequent tokens'
+             rows of the shared head (`draft_head`, FR-Spec arXiv 2502.14856): greedy takes their argmax, sampling
+             draws from their renormalised distribution (q = 0 outside them);
+  verify  -- the main model runs [t_{n-1}, d_1 .. d_D] in ONE static step over its latent cache
+             (`DeepSeekV3.decode`, compiled with compile=True): D + 1 logits from the full head;
   accept  -- greedy: d_j is kept while it equals the main model's argmax; temperature > 0: the speculative
-             sampling rule (Leviathan et al. 2023; Chen et al. 2023): keep d_j with probability min(1, p(d_j) /
-             q(d_j)), at the first rejection draw from normalise(max(0, p - q)) instead, and after D acceptances
-             draw one bonus token from the last p. p and q are the same temperature / top-k / top-p distributions
-             that plain sampling uses, so every kept token is distributed exactly as plain sampling's;
-  rollback-- the cache position moves back to the last kept token: slots past it hold stale latents that the next
-             forward overwrites before any query can see them (the eager paths read only slots below the position;
-             the compiled step masks every slot past its query).
+             sampling rule (sampling.accept_ratio, sampling.residual): keep d_j with probability min(1, p/q), at
+             the first rejection draw from normalise(max(0, p - q)), after D acceptances one bonus token from the
+             last p. p is plain sampling's distribution, so every kept token is distributed exactly as plain
+             sampling's, whatever the draft vocabulary;
+  rollback-- the cache position moves back to the last kept token: slots past it hold stale latents that no query
+             sees (the step masks every slot past its query) and the next step overwrites.
 A batch keeps the fewest tokens any row accepted this round (every row then takes the token at that slot: its
-accepted draft, or its correction), so all rows share one cache position; each row's tokens are still its own
-plain-decoding tokens (greedy) or samples from its own model distribution.
-The MTP blocks have their own latent cache (one layer per depth), which is rolled back the same way: an entry of
-depth k at position j is valid once t_{j+k} is decided. Greedy output is identical to plain greedy decoding.
+accepted draft, or its correction), so all rows share one cache position.
+The MTP depths re-read a window of the last D + 1 positions every round (the first round: the whole prompt): it
+covers every entry computed from a draft that was since rejected, so the MTP cache needs no bookkeeping, and its
+shapes are static like the verifying step's.
 """
 
 from __future__ import annotations
@@ -24,30 +28,46 @@ from __future__ import annotations
 import torch
 
 from .cache import KVCache
-from .generate import Routes, _sequence, draw, probabilities, sample
+from .layers import linear
+from .model import static_step
+from .sampling import accept_ratio, draw, probabilities, residual, sample
 from .threads import governed
+from .trace import Routes
+
+DRAFT_VOCAB = 8192  # default K: the draft scores the 8192 most frequent tokens' rows of the head (benchmarks/README)
 
 
-def verify_compiled(model, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """model(tokens, cache=cache) for T new positions per row, tokens (B, T), with static shapes: the blocks'
-    one-token step (`kernels.decode.block_decode`, torch.compile'd as in `DeepSeekV3.decode_step`) over T positions
-    at once, against the whole absorbed cache under a mask. -> logits (B, T, V) and the hidden states after the
-    final norm (B, T, dim)."""
-    from .kernels.decode import compiled_block_decode, graphs_allowed
+def vocabulary_ranking(model) -> torch.Tensor:
+    """Every token id, most frequent first. By `model.token_counts` (the training split's counts, which training
+    stores with the checkpoint) when the model has them; otherwise by id, which for byte-level BPE vocabularies
+    such as GPT-2's r50k_base is the merge rank: a lower id was merged earlier, from a more frequent pair."""
+    counts = getattr(model, "token_counts", None)
+    V = model.cfg.vocab_size
+    if counts is None:
+        return torch.arange(V)
+    return torch.argsort(-counts.double().cpu(), stable=True)  # ties keep the lower id first
 
-    dev = model.rope_cos.device
-    T = tokens.shape[1]
-    pos = torch.arange(cache.pos, cache.pos + T, device=dev)
-    cos, sin = model.rope_cos.index_select(0, pos), model.rope_sin.index_select(0, pos)
-    mask = cache.mask(T, whole_cache=True)  # causal over the written slots, minus padding
-    x = model.embed(tokens)
-    step = compiled_block_decode(dev.type)
-    with graphs_allowed():
-        for block in model.layers:
-            x = step(block, x, cos, sin, cache.c_kv[block.layer_id], cache.k_pe[block.layer_id], pos, mask)
-    cache.pos += T
-    h = model.norm(x)
-    return model.head(h), h
+
+def draft_rows(model, draft_vocab: int) -> int:
+    """How many rows of the head the draft scores: draft_vocab, with 0 (or more than the vocabulary) = all."""
+    V = model.cfg.vocab_size
+    return V if draft_vocab == 0 or draft_vocab >= V else draft_vocab
+
+
+def draft_head(model, draft_vocab: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(ids (K,), W_K (K, dim)): the head rows the draft scores, the K most frequent tokens' (`vocabulary_ranking`);
+    (None, the whole head) for the full vocabulary. The sub-matrix is built once per model and kept on it until
+    the head's weights change (a training step), never per token."""
+    w = model.head.weight
+    K = draft_rows(model, draft_vocab)
+    if K == model.cfg.vocab_size:
+        return None, w
+    key = (K, w.data_ptr(), w._version, w.dtype, w.device, id(getattr(model, "token_counts", None)))
+    kept = model.__dict__.get("_draft_head")
+    if kept is None or kept[0] != key:
+        ids = vocabulary_ranking(model)[:K].to(w.device)
+        kept = model.__dict__["_draft_head"] = (key, ids, w.detach().index_select(0, ids))
+    return kept[1], kept[2]
 
 
 def judge(logits: torch.Tensor, q: torch.Tensor | None, d: torch.Tensor, temperature: float, top_k: int = 0,
@@ -69,51 +89,56 @@ def judge(logits: torch.Tensor, q: torch.Tensor | None, d: torch.Tensor, tempera
         fix[:, 0] = draw(p[:, 0], generator)
         return fix.new_zeros(fix.shape[0]), fix
     u = torch.rand(d.shape, generator=generator, device=generator.device if generator else d.device).to(d.device)
-    ok = u * q.gather(-1, d[..., None])[..., 0] <= p[:, :k].gather(-1, d[..., None])[..., 0]
-    res = (p[:, :k] - q).clamp(min=0)  # where p = q a rejection has probability 0; p keeps the draw defined
-    res = torch.where(res.sum(-1, keepdim=True) > 0, res, p[:, :k])
+    ok = u <= accept_ratio(p[:, :k], q, d)
+    res = residual(p[:, :k], q)
     for j in range(k):
-        fix[:, j] = draw(res[:, j], generator)  # multinomial normalises
+        fix[:, j] = draw(res[:, j], generator)
     fix[:, k] = draw(p[:, k], generator)
     return ok.long().cumprod(1).sum(1), fix
 
 
 @torch.inference_mode()
-def speculative_loop(model, tokens, max_new_tokens, sampling, cache, key_mask, trace, drafts, compile=False):
-    """generate._loop with MTP drafts: yields (B,) ids one position at a time, like it. `drafts` (a list, or None):
-    one (B,) tensor per yielded position, the draft proposed for it (-1: none, the main model chose it alone).
-    compile=True: the verifying forwards go through the compiled static-shape blocks (`verify_compiled`); the
-    prompt and the MTP module run eagerly."""
+def speculative_loop(model, seq, P, key_mask, sampling, cache, trace=None, drafts=None, depths=None,
+                     compile=False, draft_vocab=DRAFT_VOCAB, n_drafts=None):
+    """generate's loop with MTP drafts: seq (B, N) holds the prompts in [:, :P] (key_mask: their real tokens, or
+    None); yields (B,) ids one position at a time, like generate's loop. `drafts` (a list, or None): one (B,) tensor
+    per yielded position, the draft proposed for it (-1: none, the main model chose it alone); `depths` (a list, or
+    None): per yielded position, the depth 1 .. D that drafted it (0: none). n_drafts: D (default: the model's
+    n_mtp_layers). compile=True: the verifying and drafting steps of full width (D + 1 positions) run compiled."""
     temperature, top_k, top_p, gen = sampling
     greedy = temperature == 0
-    device = model.embed.weight.device
-    cfg, D = model.cfg, model.cfg.n_mtp_layers
-    B, P = tokens.shape
-    N = P + max_new_tokens
-    seq, key_mask = _sequence(model, tokens, max_new_tokens, key_mask)
+    device = seq.device
+    cfg = model.cfg
+    D = n_drafts or cfg.n_mtp_layers
+    W = D + 1  # positions per verifying step, and per drafting window
+    B, N = seq.shape
     dtype = torch.bfloat16 if device.type == "cuda" else None
     kv = model.new_cache(B, N, absorb=cache == "absorbed", dtype=dtype)  # the main model's
     mkv = KVCache(cfg.replace(n_layers=D, n_dense_layers=0), B, N, absorb=cache == "absorbed", device=device,
-                  dtype=dtype or model.embed.weight.dtype)  # the MTP blocks', layer k - 1 for depth k
+                  dtype=dtype or model.embed.weight.dtype)  # the MTP depths', layer k - 1 for depth k
     kv.key_mask = mkv.key_mask = key_mask
+    ids, w_draft = draft_head(model, draft_vocab)
     hid = None  # (B, N, dim) the main model's last hidden states (after its final norm): depth 1's input
     moes = model.moe_layers()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if compile:
+        from .kernels.decode import compiled_head, compiled_step
 
-    def main(start: int, end: int, last_only: bool = False) -> torch.Tensor:
+        step_c, head_c = compiled_step(static_step, device.type), compiled_head(device.type)
+
+    def main(start: int, end: int) -> torch.Tensor:
         """The main model over positions [start, end) against its cache: logits (B, end - start | 1, V) in fp32;
         its hidden states are kept for the MTP modules."""
         nonlocal hid
         with autocast:
-            if compile and start > 0 and trace is None:
-                logits, hidden = verify_compiled(model, seq[:, start:end], kv)
+            if start == 0:  # the prompt
+                out = model(seq[:, :end], cache=kv, last_logits=True)
             else:
-                out = model(seq[:, start:end], cache=kv, last_logits=last_only)
-                logits, hidden = out.logits, out.hidden
+                out = model.decode(seq[:, start:end], kv, compiled=compile and end - start == W)
         if hid is None:
-            hid = hidden.new_empty(B, N, cfg.dim)
-        hid[:, start:end] = hidden
-        return logits.float()
+            hid = out.hidden.new_empty(B, N, cfg.dim)
+        hid[:, start:end] = out.hidden
+        return out.logits.float()
 
     def route(keep: int) -> None:
         """Trace the routing of the first `keep` positions of the main model's last forward (the kept ones)."""
@@ -122,22 +147,28 @@ def speculative_loop(model, tokens, max_new_tokens, sampling, cache, key_mask, t
 
     def propose(n: int, s: int, k_use: int) -> list:
         """MTP depths 1..k_use over positions [s, n - 1) (their caches are valid below s): the drafts go to
-        seq[:, n .. n + k_use - 1]; returns each depth's draft distribution q (None when greedy)."""
+        seq[:, n .. n + k_use - 1]; returns each depth's draft distribution q over the vocabulary (None: greedy)."""
+        pos = torch.arange(s, n - 1, device=device)
+        cos, sin = model.rope_cos.index_select(0, pos), model.rope_sin.index_select(0, pos)
+        mkv.pos = s
+        mask = mkv.mask(n - 1 - s, whole_cache=True)
+        fast = compile and n - 1 - s == W
+        step, head = (step_c, head_c) if fast else (static_step, linear)
         h, qs = hid[:, s:n - 1], []
-        cos, sin = model.rope_cos[s:n - 1], model.rope_sin[s:n - 1]
         for k in range(1, k_use + 1):
-            mkv.pos = s
+            layer = model.mtp[min(k, len(model.mtp)) - 1]  # deeper than trained: the last module again
             with autocast:
-                h, _, _ = model.mtp[k - 1](h, model.embed(seq[:, s + k:n - 1 + k]), cos, sin, mkv,
-                                           mkv.mask(n - 1 - s), losses=False)
-                logits = model.head(h[:, -1]).float()
+                h = step(layer, (h, model.embed(seq[:, s + k:n - 1 + k]), cos, sin), mkv.slots(k - 1, pos), mask)
+                logits = head(h[:, -1:], w_draft)[:, 0].float()  # (B, K): the draft vocabulary's rows only
             if greedy:
-                seq[:, n - 1 + k] = logits.argmax(-1)
-                qs.append(None)
+                choice, q = logits.argmax(-1), None
             else:
-                qs.append(probabilities(logits, temperature, top_k, top_p))
-                seq[:, n - 1 + k] = draw(qs[-1], gen)
-        mkv.pos = n - 1
+                q = probabilities(logits, temperature, top_k, top_p)
+                choice = draw(q, gen)
+                if ids is not None:  # q over the whole vocabulary: 0 outside the draft's rows
+                    q = q.new_zeros(B, cfg.vocab_size).index_copy_(1, ids, q)
+            seq[:, n - 1 + k] = choice if ids is None else ids[choice]
+            qs.append(q)
         return qs
 
     def accept(logits: torch.Tensor, qs: list, n: int, k_use: int) -> int:
@@ -156,33 +187,35 @@ def speculative_loop(model, tokens, max_new_tokens, sampling, cache, key_mask, t
     routes = Routes.attach(moes, B) if trace is not None else []
     try:
         with governed(device, compile) as tick:  # fewer threads while another job shares the CPU (threads.py)
-            logits = main(0, P, last_only=True)[:, -1]
+            logits = main(0, P)[:, -1]
             route(P)
             none = torch.full((B,), -1, dtype=torch.long, device=device)
-            n, mtp_pos = P, 0  # n tokens decided (yielded or about to be); MTP caches valid below mtp_pos
+            n, s = P, 0  # n tokens decided (yielded or about to be); the first window covers the whole prompt
             if N > P:
                 seq[:, P] = sample(logits, temperature, top_k, top_p, gen)
-            pending = [none]  # the draft behind each decided token not yet yielded
+            pending = [(none, 0)]  # the draft behind each decided token not yet yielded, and its depth
             while True:
-                for proposal in pending:
+                for proposal, depth in pending:
                     if n == N:
                         break
                     n += 1
                     if drafts is not None:
                         drafts.append(proposal)
+                    if depths is not None:
+                        depths.append(depth)
                     yield seq[:, n - 1]
                 if n == N:
                     break
                 k_use = min(D, N - n - 1)  # drafts that can still be kept within max_new_tokens
-                qs = propose(n, mtp_pos, k_use) if k_use else []
+                qs = propose(n, s, k_use) if k_use else []
                 proposed = seq[:, n:n + k_use].clone()
                 a = accept(main(n - 1, n + k_use), qs, n, k_use)
                 route(a + 1)  # the kept positions t_{n-1}, d_1 .. d_a
-                kv.pos = n + a  # rollback: the slots of rejected drafts are overwritten by the next forward
-                mtp_pos = max(0, min(n - 1, n + a - k_use + 1))
-                pending = [proposed[:, j] if j < k_use else none for j in range(a + 1)]
+                kv.pos = n + a  # rollback: the slots of rejected drafts are overwritten by the next step
+                s = max(0, n + a - W)  # the next window ends at n + a - 1 and covers every entry built on a draft
+                pending = [(proposed[:, j], j + 1) if j < k_use else (none, 0) for j in range(a + 1)]
                 tick()
-            if trace is not None and N > P:  # route the last token too, as generate._loop does
+            if trace is not None and N > P:  # route the last token too, as generate's loop does
                 main(N - 1, N)
                 route(1)
     finally:

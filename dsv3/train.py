@@ -57,7 +57,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import PRESETS, ModelConfig, SettingError
-from .data import TOKENIZER_NAME, BatchSampler, load_tokens, split_tokens, val_batches
+from .data import TOKENIZER_NAME, BatchSampler, counts_tensor, load_tokens, split_tokens, token_counts, val_batches
 from .devices import DTYPES, autocast_dtype, describe, precision_name, resolve_device
 from .distributed import DataParallel, world_size_from_env
 from .model import DeepSeekV3
@@ -420,6 +420,8 @@ class _Run:
         with torch.device(self.device):
             self.model = DeepSeekV3(model_cfg)
         train_tok, self.val_tok = split_tokens(load_tokens(cfg.corpus), cfg.val_fraction)
+        self.counts = token_counts(train_tok, model_cfg.vocab_size)  # saved with each checkpoint: the draft vocabulary
+        self.model.token_counts = counts_tensor(self.counts, model_cfg.vocab_size)
         if self.main and cfg.progress:  # (once the data is there) which device "auto" picked, and how it computes
             print(f"training on {describe(self.device)}, {precision_name(self.amp)}", file=sys.stderr)
         self.sampler = BatchSampler(train_tok, cfg.batch_size, cfg.seq_len, cfg.seed, rank, self.world)  # global
@@ -578,7 +580,7 @@ class _Run:
         """A checkpoint of this step (best=True: as <run>/best); a failed write leaves the earlier ones intact."""
         self.status("saving")
         meta = {"tokenizer": TOKENIZER_NAME, "train_config": self.cfg.to_dict(), "sampler": self.sampler.state_dict(),
-                "history": self.history.to_dict()}
+                "history": self.history.to_dict(), "token_counts": self.counts}
         if self.main:
             try:
                 save_checkpoint(self.out, self.model, step=self.step, optimizer=self.optimizer, scaler=self.scaler,

@@ -416,3 +416,53 @@ def test_cli_best_uses_the_runs_best_checkpoint(checkpoint, tmp_path, capsys):
     assert main(args[:2] + [str(tmp_path / "nowhere"), "--best"]) == 2
     assert main(["generate", "--checkpoint", str(path.parent), "--best"]) == 2
     assert "error: --checkpoint: no best checkpoint in" in capsys.readouterr().err
+
+
+def kernel_calls(fn) -> list[str]:
+    """The functions of dsv3/kernels/ (its switch in __init__.py excepted) that Python entered while fn ran."""
+    import sys
+
+    here = os.path.join("dsv3", "kernels", "")
+    seen = []
+
+    def profile(frame, event, arg):
+        f = frame.f_code.co_filename
+        if event == "call" and here in f and not f.endswith("__init__.py"):
+            seen.append(f"{os.path.basename(f)}:{frame.f_code.co_name}")
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+def test_the_kernels_switch_covers_training_and_plain_and_speculative_decoding():
+    """With the kernels off, no function of dsv3/kernels/ runs in a training step, in plain decoding or in speculative
+    decoding (the default path does call them: the count can fail), and compile=True is refused in one line."""
+    from dsv3 import kernels
+
+    torch.manual_seed(0)
+    model = dsv3.DeepSeekV3(tiny(vocab_size=512, n_mtp_layers=1))
+    x = torch.randint(0, 512, (2, 24))
+    prompt = torch.randint(0, 512, (2, 5))
+
+    def train_step():
+        model.train()
+        model(x[:, :-1], x[:, 1:], return_logits=False).loss.backward()
+
+    def decode(**kw):
+        return lambda: list(generate_tokens(model, prompt, 6, temperature=0, **kw))
+
+    runs = {"train": train_step, "plain": decode(), "speculative": decode(speculative=True),
+            "speculative naive": decode(speculative=True, cache="naive")}
+    assert kernel_calls(runs["train"]) and kernel_calls(runs["speculative"])  # on by default: the kernels run
+    with kernels.disabled():
+        for name, fn in runs.items():
+            assert kernel_calls(fn) == [], name
+        for kw in ({}, {"speculative": True}):
+            with pytest.raises(ValueError, match="kernels.*switched off.*decode without compile"):
+                generate_tokens(model, prompt, 4, compile=True, **kw)
+        with pytest.raises(ValueError, match="switched off"):
+            model.decode(prompt, model.new_cache(2, 8), compiled=True)

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import dsv3
-from dsv3.generate import Routes, generate_tokens, probabilities
+from dsv3.generate import generate_tokens, probabilities
 from dsv3.model import count_params
 from dsv3.speculative import judge
+from dsv3.trace import Routes
 
 SMALL = dict(vocab_size=32, dim=32, n_layers=2, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
              v_head_dim=8, moe_inter_dim=16, dense_inter_dim=48, max_seq_len=96)
@@ -196,12 +197,18 @@ def run(model, tokens, n, key_mask=None, **kw):
     return ids, (torch.stack(drafts, 1) if drafts else None)
 
 
-@pytest.mark.parametrize("depths", [1, 2])
-def test_greedy_speculative_is_identical_to_plain_greedy(trained, depths):
-    model = trained
-    if depths == 1:  # the same model with only its first MTP module
-        model = dsv3.DeepSeekV3(trained.cfg.replace(n_mtp_layers=1)).eval()
-        model.load_state_dict({k: v for k, v in trained.state_dict().items() if not k.startswith("mtp.1.")})
+def first_module_only(trained):
+    """The trained model with only its first MTP module."""
+    model = dsv3.DeepSeekV3(trained.cfg.replace(n_mtp_layers=1)).eval()
+    model.load_state_dict({k: v for k, v in trained.state_dict().items() if not k.startswith("mtp.1.")})
+    return model
+
+
+@pytest.mark.parametrize("depths, n_drafts, draft_vocab", [(1, None, 0), (2, None, 0), (2, None, 8), (1, 3, 12),
+                                                            (2, 3, 8)])
+def test_greedy_speculative_is_identical_to_plain_greedy(trained, depths, n_drafts, draft_vocab):
+    """Any number of drafts (D = trained depths, or more by reusing the last module) and any draft vocabulary."""
+    model = trained if depths == 2 else first_module_only(trained)
     g = torch.Generator().manual_seed(5)
     accepted = rejected = 0
     for B, P in ((1, 3), (1, 8), (2, 6), (2, 11)):
@@ -212,12 +219,44 @@ def test_greedy_speculative_is_identical_to_plain_greedy(trained, depths):
             prompt[1, :P // 2] = 0
         for cache in ("absorbed", "naive"):
             plain, _ = run(model, prompt, 30, key_mask, temperature=0, cache=cache)
-            spec, drafts = run(model, prompt, 30, key_mask, temperature=0, cache=cache, speculative=True)
+            spec, drafts = run(model, prompt, 30, key_mask, temperature=0, cache=cache, speculative=True,
+                               n_drafts=n_drafts, draft_vocab=draft_vocab)
             assert torch.equal(spec, plain), (B, P, cache)
             has = drafts >= 0
             accepted += (has & (drafts == spec)).sum().item()
             rejected += (has & (drafts != spec)).sum().item()
+            if draft_vocab:  # the drafts come from the K most frequent tokens only (here: by id)
+                assert (drafts[has] < draft_vocab).all()
     assert accepted > 20 and rejected > 5  # both branches ran, so rollbacks happened
+
+
+def test_draft_vocabulary_ranks_by_stored_counts_and_is_built_once(trained):
+    """The draft's head rows are the K most frequent tokens' (by the stored training counts; by id without them),
+    built once per model and rebuilt only when the head's weights change."""
+    from dsv3.speculative import draft_head, vocabulary_ranking
+
+    model = first_module_only(trained)
+    assert torch.equal(vocabulary_ranking(model), torch.arange(32))  # no counts: merge rank = id
+    counts = torch.zeros(32)
+    counts[[7, 3, 30, 12]] = torch.tensor([5.0, 9.0, 9.0, 1.0])
+    model.token_counts = counts
+    assert vocabulary_ranking(model)[:5].tolist() == [3, 30, 7, 12, 0]  # ties: the lower id first
+    with torch.inference_mode():
+        ids, w = draft_head(model, 4)
+        assert ids.tolist() == [3, 30, 7, 12] and torch.equal(w, model.head.weight[ids])
+        assert draft_head(model, 4)[1] is w  # kept, not rebuilt per token
+        for k in (0, 32, 64):  # all of the vocabulary: the head itself
+            assert draft_head(model, k)[0] is None and draft_head(model, k)[1] is model.head.weight
+    with torch.no_grad():
+        model.head.weight.mul_(2)
+    with torch.inference_mode():
+        assert torch.equal(draft_head(model, 4)[1], model.head.weight[ids])  # the weights changed: rebuilt
+    # drafts never leave the vocabulary, and greedy output is still plain greedy's
+    prompt = markov(1, 5, torch.Generator().manual_seed(2))
+    plain, _ = run(model, prompt, 20, temperature=0)
+    spec, drafts = run(model, prompt, 20, temperature=0, speculative=True, draft_vocab=4)
+    assert torch.equal(spec, plain)
+    assert set(drafts[drafts >= 0].tolist()) <= {3, 30, 7, 12}
 
 
 def test_speculative_trace_routes_exactly_the_kept_tokens(trained):
@@ -255,13 +294,26 @@ def test_generate_and_stream_with_speculative_report_drafts():
                                                                                   strict=True))
         assert s.acceptance_rate == s.accepted / s.drafted
         assert torch.equal(s.expert_ids, p.expert_ids)
+        assert s.draft_vocab == 8192 and p.draft_vocab is None  # the default K of a 50,257-token vocabulary
+        by = s.acceptance_by_depth()  # per draft position: depth 1 drafts every round, depth 2 after a keep
+        assert set(s.draft_depths) <= {None, 1, 2} and s.draft_depths[0] is None and 1 <= len(by) <= 2
+        for depth, rate in enumerate(by, start=1):
+            kept = [d == t for d, k, t in zip(s.drafts, s.draft_depths, s.tokens[s.n_prompt:], strict=True)
+                    if k == depth]
+            assert rate == sum(kept) / len(kept)
+        assert [d is None for d in s.drafts] == [k is None for k in s.draft_depths]
     assert "".join(dsv3.stream(model, "To be", speculative=True, **kw)) == plain[0].text
+    full = dsv3.generate(model, "To be", return_trace=True, speculative=True, draft_vocab=0, n_drafts=3, **kw)
+    assert full.tokens == plain[0].tokens and full.draft_vocab == 50257 and len(full.acceptance_by_depth()) <= 3
 
 
 @pytest.mark.slow
-def test_sampling_follows_the_models_distribution():
+@pytest.mark.parametrize("draft_vocab", [0, 3])
+def test_sampling_follows_the_models_distribution(draft_vocab):
     """Many rows of one prompt: the joint distribution of the first 3 new tokens (t_1, t_2, t_3) with speculation
-    (t_2 and t_3 are drafted) matches the model's exact one, computed by enumeration; so does plain sampling."""
+    (t_2 and t_3 are drafted) matches the model's exact one, computed by enumeration; so does plain sampling.
+    With a draft vocabulary of 3 of the 6 tokens, the draft never proposes the other 3 (q = 0 there), and the
+    residual max(0, p - q) still gives them their probability."""
     V, top_k, temperature = 6, 5, 0.9
     model = make(seed=4, scale=4, vocab_size=V, n_mtp_layers=1)
     prompt = torch.tensor([[1, 5, 2]])
@@ -288,13 +340,15 @@ def test_sampling_follows_the_models_distribution():
     batch = prompt.expand(rows, -1)
     sampling = dict(temperature=temperature, top_k=top_k, seed=11)
     plain, _ = run(model, batch, 3, **sampling)
-    spec, drafts = run(model, batch, 4, speculative=True, **sampling)  # (a 4th token: t_3 gets a draft)
+    spec, drafts = run(model, batch, 4, speculative=True, draft_vocab=draft_vocab, **sampling)  # t_3 gets a draft
     spec, drafts = spec[:, :3], drafts[:, :3]
     stat, limit = chi2(spec)
     assert stat < limit, (stat, limit)
     assert chi2(plain)[0] < limit
     acc = (drafts[:, 1:] == spec[:, 1:]).double().mean().item()  # t_2 and t_3 each had a draft
     assert (drafts[:, 1:] >= 0).all() and 0.15 < acc < 0.85
+    if draft_vocab:
+        assert drafts[:, 1:].max() < draft_vocab and (spec >= draft_vocab).any()
     # the test has power: taking every draft (what a missing rejection step would do) is far off
     wrong = spec.clone()
     wrong[:, 1] = drafts[:, 1]
@@ -389,8 +443,14 @@ def test_cli_train_mtp_flags_then_speculative_generate(tmp_path, data_dir, capsy
     fast = [f"--set={k}={v}" for k, v in FAST.items() if k != "n_mtp_layers"]
     assert main(["train", "--preset", "tiny", "--steps", "2", "--out", str(out), "--mtp-layers", "2",
                  "--mtp-weight", "0.5", *common, *fast]) == 0
-    cfg = dsv3.load_checkpoint(out).cfg
+    loaded = dsv3.load_checkpoint(out)
+    cfg = loaded.cfg
     assert (cfg.n_mtp_layers, cfg.mtp_loss_weight, cfg.dim) == (2, 0.5, 32)
+    # the training split's token counts came with the checkpoint: the draft vocabulary ranks by them
+    from dsv3.data import load_tokens, split_tokens
+
+    train_tok = torch.from_numpy(split_tokens(load_tokens(os.environ["DSV3_CORPUS"]), 0.1)[0].astype("int64"))
+    assert torch.equal(loaded.token_counts, torch.bincount(train_tok, minlength=50257).double())
     assert main(["train", "--resume", str(out), "--steps", "1", "--mtp-layers", "1", *common]) == 2
     assert "cannot be combined with --resume" in capsys.readouterr().err
     args = ["generate", "--checkpoint", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "10", "--temperature",
@@ -400,6 +460,10 @@ def test_cli_train_mtp_flags_then_speculative_generate(tmp_path, data_dir, capsy
     want = capsys.readouterr().out
     assert main(args + ["--speculative"]) == 0 and capsys.readouterr().out == want
     assert main(args + ["--speculative", "--stream", "--naive-cache"]) == 0 and capsys.readouterr().out == want
+    assert main(args + ["--speculative", "--draft-vocab", "64", "--drafts", "3"]) == 0
+    assert capsys.readouterr().out == want
+    assert main(args + ["--speculative", "--draft-vocab", "-1"]) == 2
+    assert capsys.readouterr().err.startswith("error: --draft-vocab must be an int >= 0")
     plain = tmp_path / "plain"
     dsv3.save_checkpoint(plain, make(vocab_size=50257), step=0)
     assert main(["generate", "--checkpoint", str(plain), "--speculative", "--max-new-tokens", "3"]) == 2
@@ -473,17 +537,22 @@ def test_two_ranks_train_mtp_like_one_process(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_compiled_speculative_greedy_is_identical_to_plain_greedy(trained):
-    """compile=True: the verifying forwards run the compiled static-shape blocks over the whole cache under a mask,
-    where slots past the position hold the latents of rejected drafts."""
+    """compile=True: the verifying and drafting steps run compiled over the whole cache under a mask, where slots
+    past the position hold the latents of rejected drafts; D = 1, 2 (trained) and 3 (the last module reused), with
+    and without a draft vocabulary."""
     g = torch.Generator().manual_seed(5)
     rejected = 0
-    for B, P in ((1, 3), (1, 8), (2, 6), (2, 11)):
-        prompt = markov(B, P - 1, g)
-        key_mask = torch.ones(B, P, dtype=torch.bool)
-        if B == 2:
-            key_mask[1, :P // 2] = False
-        plain, _ = run(trained, prompt, 30, key_mask, temperature=0)
-        spec, drafts = run(trained, prompt, 30, key_mask, temperature=0, speculative=True, compile=True)
-        assert torch.equal(spec, plain), (B, P)
-        rejected += ((drafts >= 0) & (drafts != spec)).sum().item()
+    cases = [(trained, None, 0, ((1, 3), (1, 8), (2, 6), (2, 11))), (trained, 3, 8, ((2, 11),)),
+             (first_module_only(trained), 1, 12, ((2, 11),))]
+    for model, n_drafts, draft_vocab, shapes in cases:
+        for B, P in shapes:
+            prompt = markov(B, P - 1, g)
+            key_mask = torch.ones(B, P, dtype=torch.bool)
+            if B == 2:
+                key_mask[1, :P // 2] = False
+            plain, _ = run(model, prompt, 30, key_mask, temperature=0)
+            spec, drafts = run(model, prompt, 30, key_mask, temperature=0, speculative=True, compile=True,
+                               n_drafts=n_drafts, draft_vocab=draft_vocab)
+            assert torch.equal(spec, plain), (B, P, n_drafts)
+            rejected += ((drafts >= 0) & (drafts != spec)).sum().item()
     assert rejected > 0

@@ -13,7 +13,8 @@ or None where no kernel applies (another device, dtype or shape): the reference 
 Imports run one way: the reference files import this package; nothing under kernels/ imports a reference file
 (decode.py reads the model's modules by attribute). Each kernel file names the reference it replaces and is tested
 equal to it (values and gradients) under tests/kernels/; buffers.py holds the buffers they keep from step to step.
-`DeepSeekV3.decode_step` (one decoding position with static shapes, kernels/decode.py) is its own entry point.
+`DeepSeekV3.decode`'s static step (T new positions per row, torch.compile'd in kernels/decode.py) is its own
+entry point.
 """
 
 from __future__ import annotations
@@ -76,9 +77,13 @@ def fast_path(choose):
 
 def layers_linear(reference, x, weight, bias=None):
     """`layers.linear`, x W^T: oneDNN's GEMM (linear.py) for fp32 CPU tensors without bias, outside autocast and
-    torch.compile, with at least linear.MIN_ROWS rows (one-token decoding keeps torch's matrix-vector product)."""
+    torch.compile, with at least linear.MIN_ROWS rows (one-token decoding keeps torch's matrix-vector product);
+    CPU inference on 2 to linear.FEW_ROWS rows (a decoding step of a few positions, eager or compiled) as W x^T
+    (`linear.few_rows`: the BLAS call streams the weight once for all rows)."""
     if bias is None and _linear.use_onednn(x, weight):
         return _linear.OneDNNLinear.apply(x, weight)
+    if bias is None and _linear.use_few_rows(x, weight):
+        return _linear.few_rows(x, weight)
     return None
 
 
@@ -100,14 +105,18 @@ def mla_attention(reference, q, kv, k_pe, cos, sin, scale, nope, mask=None):
 
 
 def moe_routed_experts(reference, experts, x, indices, gates):
-    """`moe.routed_experts`: always `experts.sorted_dispatch`, the (token, slot) pairs sorted by expert, then every
+    """`moe.routed_experts`: `experts.sorted_dispatch`, the (token, slot) pairs sorted by expert, then every
     expert's SwiGLU at once on its rows, in the autocast dtype (else x's), by the variant that suits:
       CPU bf16, grad on          `_padded_grouped_swiglu`: rows padded per expert, so oneDNN reuses its kernels
       CPU, grad off (inference)  `_looped_swiglu`: one matmul per expert that received rows (grouped_mm would
                                  visit the empty experts too; decoding touches k of N)
       bf16 elsewhere (GPUs)      `_grouped_swiglu`: one grouped_mm per weight, one graph under torch.compile
       CPU fp32, grad on          `_kept_grad_swiglu`: grouped_mm with the weight gradients in kept buffers
-      otherwise                  `_looped_swiglu` (fp32 on GPUs; MPS and torch builds without grouped_mm)"""
+      otherwise                  `_looped_swiglu` (fp32 on GPUs; MPS and torch builds without grouped_mm)
+    except in the compiled decoding step (inference under torch.compile, at most experts.GATHER_ROWS rows):
+    `experts.gathered`, each row reading its k experts by index (no sort, no data-dependent shape)."""
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.shape[0] <= _experts.GATHER_ROWS:
+        return _experts.gathered(experts, x, indices, gates)
     dev = x.device.type
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     grouped = _experts._HAS_GROUPED_MM and dev in ("cpu", "cuda")  # torch has grouped_mm kernels there (not MPS)

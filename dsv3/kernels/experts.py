@@ -9,6 +9,7 @@ The variants (which one a call takes: `kernels.moe_routed_experts`, kernels/__in
   `_kept_grad_swiglu`       `KeptGradSwiGLU`: grouped_mm with the backward written out, the weight gradients in
                             kept buffers (buffers.workspace) instead of fresh ones
   `_looped_swiglu`          one matmul per expert that received rows (decoding touches k of N)
+  `gathered`                compiled decoding: each of a few rows reads its k experts by index (static shapes)
 The gate multiplies each row's hidden activation before w2 (the same product as scaling the output, w2 being
 linear, and a third of the work).
 tests/kernels/test_experts.py checks values and gradients against the reference.
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from .buffers import KeptGradCast, workspace
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+GATHER_ROWS = 64  # compiled inference on at most this many rows reads the experts by index (`gathered`)
 
 
 def sorted_dispatch(experts, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, dt: torch.dtype, swiglu):

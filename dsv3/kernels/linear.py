@@ -3,6 +3,8 @@ linears, for the forward and for dX = dY W; dW = dY^T X stays torch's matmul.
 
 `kernels.layers_linear` (kernels/__init__.py) takes it for fp32 CPU tensors without bias, outside autocast and
 torch.compile, with at least `MIN_ROWS` rows (`use_onednn`). `AVAILABLE` is False on torch builds without oneDNN.
+Inference on 2 to `FEW_ROWS` rows is computed as W x^T (`few_rows`): the BLAS call then streams the weight once
+for all rows, where x W^T of so few rows does not (`python benchmarks/mtp.py --curves 174m`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 MIN_ROWS = 16  # fewer rows: torch's own matmul
+FEW_ROWS = 8  # inference on 2 .. FEW_ROWS rows: W x^T
 
 
 def onednn_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -42,4 +45,13 @@ class OneDNNLinear(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = onednn_mm(dy2, w.t()).view(*dy.shape[:-1], w.shape[1]) if ctx.needs_input_grad[0] else None
         return dx, (dy2.t() @ x2 if ctx.needs_input_grad[1] else None)
+
+
+def few_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x W^T computed as (W x^T)^T, for a handful of rows x (..., K) on the CPU."""
+    return (w @ x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], w.shape[0])
+
+
+def use_few_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and 1 < x.numel() // x.shape[-1] <= FEW_ROWS
 

@@ -62,3 +62,37 @@ def test_compile_blocks_bf16_accelerator_path_one_graph_for_all_blocks(monkeypat
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-2)
     a, b = torch.cat([g.flatten() for g in grads(m)]), torch.cat([g.flatten() for g in g_ref])
     assert (a - b).norm() / b.norm() < 2e-2
+
+
+@pytest.mark.slow
+def test_compiled_decoding_step_of_three_positions_equals_the_cached_forward():
+    """DeepSeekV3.decode for T = 3 new positions (speculative verification's shape): eager (the blocks' own forward
+    over cache.Slots) and compiled (kernels/decode.py: experts read by index, few-row products as W x^T) give the
+    cached forward's logits, hidden states and cache entries, from one graph for both blocks and one for the head."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    m = dsv3.DeepSeekV3(small_cfg(n_layers=2)).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # weights large enough that routing differs between the positions
+            if p.dim() > 1:
+                p.mul_(5)
+    prompt, new = torch.randint(0, 512, (2, 6)), torch.randint(0, 512, (2, 3))
+    key_mask = torch.ones(2, 16, dtype=torch.bool)
+    key_mask[1, :2] = False  # row 1: a shorter prompt, left-padded
+    caches = [m.new_cache(2, 16) for _ in range(3)]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.inference_mode():
+        for c in caches:
+            c.key_mask = key_mask
+            m(prompt, cache=c)
+        ref = m(new, cache=caches[0])
+        outs = [m.decode(new, caches[1]), m.decode(new, caches[2], compiled=True)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert not torch._dynamo.utils.counters["graph_break"]
+    for out, c in zip(outs, caches[1:], strict=True):
+        torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.hidden, ref.hidden, atol=1e-4, rtol=1e-4)
+        assert c.pos == caches[0].pos == 9
+        torch.testing.assert_close(c.c_kv[:, :, :9], caches[0].c_kv[:, :, :9], atol=1e-5, rtol=1e-5)
