@@ -650,6 +650,9 @@ def cmd_generate(args) -> int:
     if args.dtype is not None and args.hf is None:
         raise ValueError("--dtype goes with --hf (it sets the dtype of the imported weights)")
     model = _load_cli_model(args, device)
+    if args.speculative and not model.cfg.n_mtp_layers:
+        raise ValueError("--speculative drafts with the model's multi-token prediction modules, and this model has "
+                         "none (n_mtp_layers=0): train one with --mtp-layers 1, or leave --speculative out")
     ids = _prompt_ids(args, model)
     # "fill" (the default): up to the end of the context; a prompt that is already too long is refused below
     max_new = args.max_new_tokens if args.max_new_tokens is not None else max(0, model.cfg.max_seq_len - len(ids))

@@ -177,7 +177,7 @@ LONG = " the" * 300  # > tiny's 256-token context
     (["generate", "--checkpoint", "RUN", "--stop", ""], "--stop must be a non-empty string"),
     (["generate", "--checkpoint", "RUN", "--prompt-ids", "1,x"], "--prompt-ids must be integers"),
     (["generate", "--checkpoint", "RUN", "--prompt-ids", ","], "--prompt-ids is empty"),
-    (["generate", "--checkpoint", "RUN", "--speculative"], "(n_mtp_layers=0): train one with --mtp-layers 1"),
+    (["generate", "--checkpoint", "RUN", "--speculative"], "--speculative drafts with the model's multi-token"),
     (["generate", "--checkpoint", "RUN", "--dtype", "float16"], "--dtype goes with --hf"),
     (["generate", "--checkpoint", "RUN", "--device", "nodevice"], "--device 'nodevice' is not a device"),
     (["generate", "--hf", "MISSING"], "--hf: "),
