@@ -46,12 +46,14 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, tied=None):
+        # One piece on purpose: the chunk loop shares a dozen buffers and consumes each chunk's gradient in place
+        # as soon as it exists (that is the kernel); split, those would travel between functions as arguments.
         dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
         inplace = h.device.type in INPLACE_CE_DEVICES
         n_rows = h.shape[0]
-        # CPU: narrow h gets more rows per chunk (benchmarks/README.md)
+        # CPU: narrow h gets more rows per chunk (a chunk of h holds at least CE_CHUNK_ELEMS elements)
         rows = max(CE_CHUNK, CE_CHUNK_ELEMS // h.shape[1]) if inplace else CE_CHUNK_ACCEL
         chunk = max(1, min(rows, n_rows))
         V = weight.shape[0]
