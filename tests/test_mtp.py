@@ -468,7 +468,7 @@ def test_cli_train_mtp_flags_then_speculative_generate(tmp_path, data_dir, capsy
     dsv3.save_checkpoint(plain, make(vocab_size=50257), step=0)
     assert main(["generate", "--checkpoint", str(plain), "--speculative", "--max-new-tokens", "3"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: speculative=True") and "n_mtp_layers=0" in err and err.count("\n") == 1
+    assert err.startswith("error: --speculative") and "n_mtp_layers=0" in err and err.count("\n") == 1
 
 
 def test_bf16_autocast_and_gradient_accumulation():
