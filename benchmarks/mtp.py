@@ -112,7 +112,10 @@ def _ms(fn, reps: int) -> dict:
 
 
 def step_costs(preset: str, positions, reps: int, calls: int = 8) -> dict:
-    """(d): ms per decoding step of T positions, batch 1, random weights, at cache position 128 of 256."""
+    """(d): ms per decoding step of T positions, batch 1, random weights, at cache position 128 of 256; where the
+    kernels compute few-row products as W x^T, also "xWt": the same step with them as x W^T."""
+    import dsv3.kernels.linear as kernels_linear
+
     torch.manual_seed(0)
     model = dsv3.DeepSeekV3(dsv3.ModelConfig.preset(preset)).eval()
     cache = model.new_cache(1, 256)
@@ -132,11 +135,21 @@ def step_costs(preset: str, positions, reps: int, calls: int = 8) -> dict:
                 def step(toks=toks):
                     model(toks, cache=cache, last_logits=False)
 
-            def run(step=step):
-                for _ in range(calls):
-                    cache.pos = 128
-                    step()
-            fns[f"T={T} {'compiled' if compiled else 'eager'}"] = run
+            def run(step=step, rows=None):
+                few = getattr(kernels_linear, "FEW_ROWS", None)
+                if rows is not None:  # the few-row products as x W^T (FEW_ROWS = 1), for comparison
+                    kernels_linear.FEW_ROWS = rows
+                try:
+                    for _ in range(calls):
+                        cache.pos = 128
+                        step()
+                finally:
+                    if few is not None:
+                        kernels_linear.FEW_ROWS = few
+            name = f"T={T} {'compiled' if compiled else 'eager'}"
+            fns[name] = run
+            if T > 1 and hasattr(kernels_linear, "FEW_ROWS"):
+                fns[f"{name} xWt"] = lambda run=run: run(rows=1)
     with torch.inference_mode():
         ms = _ms(fns, reps)
     return {n: round(v / calls, 3) for n, v in ms.items()}
