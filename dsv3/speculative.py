@@ -25,6 +25,8 @@ shapes are static like the verifying step's.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .cache import KVCache
@@ -116,11 +118,11 @@ class _Speculation:
         self.hid = None  # (B, N, dim) the main model's last hidden states (after its final norm): depth 1's input
         self.moes = model.moe_layers()
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        self.fast = (static_step, linear)
+        self.fast = (static_step, linear, contextlib.nullcontext)
         if compile:
-            from .kernels.decode import compiled_head, compiled_step
+            from .kernels.decode import compiled_head, compiled_step, graphs_allowed
 
-            self.fast = (compiled_step(device.type), compiled_head(device.type))
+            self.fast = (compiled_step(device.type), compiled_head(device.type), graphs_allowed)
 
     def main(self, start: int, end: int) -> torch.Tensor:
         """The main model over positions [start, end) against its cache: logits (B, end - start | 1, V) in fp32;
@@ -150,11 +152,12 @@ class _Speculation:
         cos, sin = model.rope_cos.index_select(0, pos), model.rope_sin.index_select(0, pos)
         mkv.pos = s
         mask = mkv.mask(n - 1 - s, whole_cache=True)
-        step, head = self.fast if self.compile and n - 1 - s == self.W else (static_step, linear)
+        fast = self.compile and n - 1 - s == self.W
+        step, head, graphs = self.fast if fast else (static_step, linear, contextlib.nullcontext)
         h, qs = self.hid[:, s:n - 1], []
         for k in range(1, k_use + 1):
             layer = model.mtp[min(k, len(model.mtp)) - 1]  # deeper than trained: the last module again
-            with self.autocast:
+            with self.autocast, graphs():
                 h = step(layer, (h, model.embed(seq[:, s + k:n - 1 + k]), cos, sin), mkv.slots(k - 1, pos), mask)
                 logits = head(h[:, -1:], self.w_draft)[:, 0].float()  # (B, K): the draft vocabulary's rows only
             if self.temperature == 0:
