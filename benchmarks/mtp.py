@@ -112,7 +112,11 @@ def _ms(fn, reps: int) -> dict:
 
 
 def step_costs(preset: str, positions, reps: int, calls: int = 8) -> dict:
-    """(d): ms per decoding step of T positions, batch 1, random weights, at cache position 128 of 256."""
+    """(d): ms per decoding step of T positions, batch 1, random weights, at cache position 128 of 256; where the
+    kernels compute few-row products as W x^T, also "xWt": the same step with them as x W^T."""
+    import dsv3.kernels.linear as kernels_linear
+    from dsv3.kernels.decode import graphs_allowed
+
     torch.manual_seed(0)
     model = dsv3.DeepSeekV3(dsv3.ModelConfig.preset(preset)).eval()
     cache = model.new_cache(1, 256)
@@ -132,19 +136,29 @@ def step_costs(preset: str, positions, reps: int, calls: int = 8) -> dict:
                 def step(toks=toks):
                     model(toks, cache=cache, last_logits=False)
 
-            def run(step=step):
-                for _ in range(calls):
-                    cache.pos = 128
-                    step()
-            fns[f"T={T} {'compiled' if compiled else 'eager'}"] = run
-    with torch.inference_mode():
+            def run(step=step, rows=None):
+                few = getattr(kernels_linear, "FEW_ROWS", None)
+                if rows is not None:  # the few-row products as x W^T (FEW_ROWS = 1), for comparison
+                    kernels_linear.FEW_ROWS = rows
+                try:
+                    for _ in range(calls):
+                        cache.pos = 128
+                        step()
+                finally:
+                    if few is not None:
+                        kernels_linear.FEW_ROWS = few
+            name = f"T={T} {'compiled' if compiled else 'eager'}"
+            fns[name] = run
+            if T > 1 and hasattr(kernels_linear, "FEW_ROWS"):
+                fns[f"{name} xWt"] = lambda run=run: run(rows=1)
+    with torch.inference_mode(), graphs_allowed():
         ms = _ms(fns, reps)
     return {n: round(v / calls, 3) for n, v in ms.items()}
 
 
 def draft_costs(preset: str, vocabs, widths, reps: int, calls: int = 8) -> dict:
     """(e): ms of one MTP block step over W = D + 1 positions, and of the draft head over K rows (batch 1)."""
-    from dsv3.kernels.decode import compiled_head, compiled_step
+    from dsv3.kernels.decode import compiled_head, compiled_step, graphs_allowed
     from dsv3.model import static_step
     from dsv3.speculative import draft_head
 
@@ -162,7 +176,7 @@ def draft_costs(preset: str, vocabs, widths, reps: int, calls: int = 8) -> dict:
             fns[f"mtp block W={W} {name}"] = lambda step=step, a=(h, emb, cos, sin), pos=pos, mask=mask: [
                 step(model.mtp[0], a, mkv.slots(0, pos), mask) for _ in range(calls)]
     x = torch.randn(1, 1, cfg.dim)
-    with torch.inference_mode():
+    with torch.inference_mode(), graphs_allowed():
         for K in vocabs:
             w = draft_head(model, K)[1]
             fns[f"head K={K or cfg.vocab_size} eager"] = lambda w=w: [F.linear(x, w) for _ in range(calls)]

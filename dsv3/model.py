@@ -12,6 +12,7 @@ Nothing here knows about optimizers, data files or tokenizers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -161,21 +162,24 @@ class DeepSeekV3(nn.Module):
         if compiled:
             if not kernels.enabled():
                 raise ValueError(COMPILE_NEEDS_KERNELS)
-            from .kernels.decode import compiled_head, compiled_step
+            from .kernels.decode import compiled_head, compiled_step, graphs_allowed
 
-            step, head = compiled_step(static_step, tokens.device.type), compiled_head(tokens.device.type)
+            device = tokens.device.type
+            step, head, graphs = compiled_step(static_step, device), compiled_head(device), graphs_allowed()
         else:
-            step, head = static_step, linear
+            step, head, graphs = static_step, linear, contextlib.nullcontext()
         T = tokens.shape[1]
         pos = torch.arange(cache.pos, cache.pos + T, device=self.rope_cos.device)
         cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)
         mask = cache.mask(T, whole_cache=True)  # the slots written so far, minus padding
         x = self.embed(tokens)
-        for block in self.layers:
-            x = step(block, (x, cos, sin), cache.slots(block.layer_id, pos), mask)
+        with graphs:
+            for block in self.layers:
+                x = step(block, (x, cos, sin), cache.slots(block.layer_id, pos), mask)
+            h = self.norm(x)
+            logits = head(h, self.head.weight)
         cache.pos += T
-        h = self.norm(x)
-        return ModelOutput(logits=head(h, self.head.weight), hidden=h)
+        return ModelOutput(logits=logits, hidden=h)
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, cache: KVCache, *, compiled: bool = False) -> torch.Tensor:

@@ -25,6 +25,8 @@ shapes are static like the verifying step's.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .cache import KVCache
@@ -97,6 +99,91 @@ def judge(logits: torch.Tensor, q: torch.Tensor | None, d: torch.Tensor, tempera
     return ok.long().cumprod(1).sum(1), fix
 
 
+class _Speculation:
+    """One speculative generation's state: the sequence, both caches, the main model's hidden states, the draft's
+    head rows; `main`, `propose` and `accept` are the three parts of a round (module docstring)."""
+
+    def __init__(self, model, seq, key_mask, sampling, cache, trace, compile, draft_vocab, n_drafts):
+        self.model, self.seq, self.trace, self.compile = model, seq, trace, compile
+        self.temperature, self.top_k, self.top_p, self.gen = sampling
+        device, cfg = seq.device, model.cfg
+        self.D = n_drafts or cfg.n_mtp_layers
+        self.W = self.D + 1  # positions per verifying step, and per drafting window
+        B, N = seq.shape
+        dtype = torch.bfloat16 if device.type == "cuda" else None
+        self.kv = model.new_cache(B, N, absorb=cache == "absorbed", dtype=dtype)  # the main model's
+        self.mkv = KVCache(cfg.replace(n_layers=self.D, n_dense_layers=0), B, N, absorb=cache == "absorbed",
+                           device=device, dtype=dtype or model.embed.weight.dtype)  # layer k - 1 for depth k
+        self.kv.key_mask = self.mkv.key_mask = key_mask
+        self.ids, self.w_draft = draft_head(model, draft_vocab)
+        self.hid = None  # (B, N, dim) the main model's last hidden states (after its final norm): depth 1's input
+        self.moes = model.moe_layers()
+        self.routes: list[Routes] = []  # with a trace: one observer per MoE gate (trace.py)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.fast = (static_step, linear, contextlib.nullcontext)
+        if compile:
+            from .kernels.decode import compiled_head, compiled_step, graphs_allowed
+
+            self.fast = (compiled_step(static_step, device.type), compiled_head(device.type), graphs_allowed)
+
+    def main(self, start: int, end: int) -> torch.Tensor:
+        """The main model over positions [start, end) against its cache: logits (B, end - start | 1, V) in fp32;
+        its hidden states are kept for the MTP modules. The prompt is one forward, the rest the static step."""
+        model, seq = self.model, self.seq
+        with self.autocast:
+            if start == 0:
+                out = model(seq[:, :end], cache=self.kv, last_logits=True)
+            else:
+                out = model.decode(seq[:, start:end], self.kv, compiled=self.compile and end - start == self.W)
+        if self.hid is None:
+            self.hid = out.hidden.new_empty(*seq.shape, model.cfg.dim)
+        self.hid[:, start:end] = out.hidden
+        return out.logits.float()
+
+    def route(self, keep: int) -> None:
+        """Trace the routing of the first `keep` positions of the main model's last forward (the kept ones)."""
+        if self.routes:
+            self.trace.append(Routes.stack(self.routes, slice(None, keep)))
+
+    def propose(self, n: int, s: int, k_use: int) -> list:
+        """MTP depths 1..k_use over positions [s, n - 1) (their caches are valid below s): the drafts go to
+        seq[:, n .. n + k_use - 1]; returns each depth's draft distribution q over the vocabulary (None: greedy)."""
+        model, seq, mkv = self.model, self.seq, self.mkv
+        pos = torch.arange(s, n - 1, device=seq.device)
+        cos, sin = model.rope_cos.index_select(0, pos), model.rope_sin.index_select(0, pos)
+        mkv.pos = s
+        mask = mkv.mask(n - 1 - s, whole_cache=True)
+        fast = self.compile and n - 1 - s == self.W
+        step, head, graphs = self.fast if fast else (static_step, linear, contextlib.nullcontext)
+        h, qs = self.hid[:, s:n - 1], []
+        for k in range(1, k_use + 1):
+            layer = model.mtp[min(k, len(model.mtp)) - 1]  # deeper than trained: the last module again
+            with self.autocast, graphs():
+                h = step(layer, (h, model.embed(seq[:, s + k:n - 1 + k]), cos, sin), mkv.slots(k - 1, pos), mask)
+                logits = head(h[:, -1:], self.w_draft)[:, 0].float()  # (B, K): the draft vocabulary's rows only
+            if self.temperature == 0:
+                choice, q = logits.argmax(-1), None
+            else:
+                q = probabilities(logits, self.temperature, self.top_k, self.top_p)
+                choice = draw(q, self.gen)
+                if self.ids is not None:  # q over the whole vocabulary: 0 outside the draft's rows
+                    q = q.new_zeros(q.shape[0], model.cfg.vocab_size).index_copy_(1, self.ids, q)
+            seq[:, n - 1 + k] = choice if self.ids is None else self.ids[choice]
+            qs.append(q)
+        return qs
+
+    def accept(self, logits: torch.Tensor, qs: list, n: int, k_use: int) -> int:
+        """Judge the drafts seq[:, n .. n + k_use - 1] against the main model's logits (B, k_use + 1, V), write
+        the token of slot a, the first slot some row rejected (or the bonus slot), and return a."""
+        d = self.seq[:, n:n + k_use]
+        q = torch.stack(qs, 1) if qs and self.temperature > 0 else None
+        kept, fix = judge(logits, q, d, self.temperature, self.top_k, self.top_p, self.gen)
+        a = int(kept.min())
+        # rows that accepted d_{a+1} keep it (a valid sample of their own p); the others take their correction
+        self.seq[:, n + a] = torch.where(kept > a, d[:, a], fix[:, a]) if a < k_use else fix[:, a]
+        return a
+
+
 @torch.inference_mode()
 def speculative_loop(model, seq, P, key_mask, sampling, cache, trace=None, drafts=None, depths=None,
                      compile=False, draft_vocab=DRAFT_VOCAB, n_drafts=None):
@@ -105,94 +192,19 @@ def speculative_loop(model, seq, P, key_mask, sampling, cache, trace=None, draft
     per yielded position, the draft proposed for it (-1: none, the main model chose it alone); `depths` (a list, or
     None): per yielded position, the depth 1 .. D that drafted it (0: none). n_drafts: D (default: the model's
     n_mtp_layers). compile=True: the verifying and drafting steps of full width (D + 1 positions) run compiled."""
-    temperature, top_k, top_p, gen = sampling
-    greedy = temperature == 0
-    device = seq.device
-    cfg = model.cfg
-    D = n_drafts or cfg.n_mtp_layers
-    W = D + 1  # positions per verifying step, and per drafting window
+    sp = _Speculation(model, seq, key_mask, sampling, cache, trace, compile, draft_vocab, n_drafts)
     B, N = seq.shape
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    kv = model.new_cache(B, N, absorb=cache == "absorbed", dtype=dtype)  # the main model's
-    mkv = KVCache(cfg.replace(n_layers=D, n_dense_layers=0), B, N, absorb=cache == "absorbed", device=device,
-                  dtype=dtype or model.embed.weight.dtype)  # the MTP depths', layer k - 1 for depth k
-    kv.key_mask = mkv.key_mask = key_mask
-    ids, w_draft = draft_head(model, draft_vocab)
-    hid = None  # (B, N, dim) the main model's last hidden states (after its final norm): depth 1's input
-    moes = model.moe_layers()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    if compile:
-        from .kernels.decode import compiled_head, compiled_step
-
-        step_c, head_c = compiled_step(static_step, device.type), compiled_head(device.type)
-
-    def main(start: int, end: int) -> torch.Tensor:
-        """The main model over positions [start, end) against its cache: logits (B, end - start | 1, V) in fp32;
-        its hidden states are kept for the MTP modules."""
-        nonlocal hid
-        with autocast:
-            if start == 0:  # the prompt
-                out = model(seq[:, :end], cache=kv, last_logits=True)
-            else:
-                out = model.decode(seq[:, start:end], kv, compiled=compile and end - start == W)
-        if hid is None:
-            hid = out.hidden.new_empty(B, N, cfg.dim)
-        hid[:, start:end] = out.hidden
-        return out.logits.float()
-
-    def route(keep: int) -> None:
-        """Trace the routing of the first `keep` positions of the main model's last forward (the kept ones)."""
-        if routes:
-            trace.append(Routes.stack(routes, slice(None, keep)))
-
-    def propose(n: int, s: int, k_use: int) -> list:
-        """MTP depths 1..k_use over positions [s, n - 1) (their caches are valid below s): the drafts go to
-        seq[:, n .. n + k_use - 1]; returns each depth's draft distribution q over the vocabulary (None: greedy)."""
-        pos = torch.arange(s, n - 1, device=device)
-        cos, sin = model.rope_cos.index_select(0, pos), model.rope_sin.index_select(0, pos)
-        mkv.pos = s
-        mask = mkv.mask(n - 1 - s, whole_cache=True)
-        fast = compile and n - 1 - s == W
-        step, head = (step_c, head_c) if fast else (static_step, linear)
-        h, qs = hid[:, s:n - 1], []
-        for k in range(1, k_use + 1):
-            layer = model.mtp[min(k, len(model.mtp)) - 1]  # deeper than trained: the last module again
-            with autocast:
-                h = step(layer, (h, model.embed(seq[:, s + k:n - 1 + k]), cos, sin), mkv.slots(k - 1, pos), mask)
-                logits = head(h[:, -1:], w_draft)[:, 0].float()  # (B, K): the draft vocabulary's rows only
-            if greedy:
-                choice, q = logits.argmax(-1), None
-            else:
-                q = probabilities(logits, temperature, top_k, top_p)
-                choice = draw(q, gen)
-                if ids is not None:  # q over the whole vocabulary: 0 outside the draft's rows
-                    q = q.new_zeros(B, cfg.vocab_size).index_copy_(1, ids, q)
-            seq[:, n - 1 + k] = choice if ids is None else ids[choice]
-            qs.append(q)
-        return qs
-
-    def accept(logits: torch.Tensor, qs: list, n: int, k_use: int) -> int:
-        """Judge the drafts seq[:, n .. n + k_use - 1] against the main model's logits (B, k_use + 1, V), write
-        the token of slot a, the first slot some row rejected (or the bonus slot), and return a."""
-        d = seq[:, n:n + k_use]
-        kept, fix = judge(logits, torch.stack(qs, 1) if qs and not greedy else None, d, temperature, top_k, top_p,
-                          gen)
-        a = int(kept.min())
-        # rows that accepted d_{a+1} keep it (a valid sample of their own p); the others take their correction
-        seq[:, n + a] = torch.where(kept > a, d[:, a], fix[:, a]) if a < k_use else fix[:, a]
-        return a
-
     was_training = model.training
     model.eval()
-    routes = Routes.attach(moes, B) if trace is not None else []
+    sp.routes = Routes.attach(sp.moes, B) if trace is not None else []
     try:
-        with governed(device, compile) as tick:  # fewer threads while another job shares the CPU (threads.py)
-            logits = main(0, P)[:, -1]
-            route(P)
-            none = torch.full((B,), -1, dtype=torch.long, device=device)
+        with governed(seq.device, compile) as tick:  # fewer threads while another job shares the CPU (threads.py)
+            logits = sp.main(0, P)[:, -1]
+            sp.route(P)
+            none = torch.full((B,), -1, dtype=torch.long, device=seq.device)
             n, s = P, 0  # n tokens decided (yielded or about to be); the first window covers the whole prompt
             if N > P:
-                seq[:, P] = sample(logits, temperature, top_k, top_p, gen)
+                seq[:, P] = sample(logits, *sampling)
             pending = [(none, 0)]  # the draft behind each decided token not yet yielded, and its depth
             while True:
                 for proposal, depth in pending:
@@ -206,18 +218,18 @@ def speculative_loop(model, seq, P, key_mask, sampling, cache, trace=None, draft
                     yield seq[:, n - 1]
                 if n == N:
                     break
-                k_use = min(D, N - n - 1)  # drafts that can still be kept within max_new_tokens
-                qs = propose(n, s, k_use) if k_use else []
+                k_use = min(sp.D, N - n - 1)  # drafts that can still be kept within max_new_tokens
+                qs = sp.propose(n, s, k_use) if k_use else []
                 proposed = seq[:, n:n + k_use].clone()
-                a = accept(main(n - 1, n + k_use), qs, n, k_use)
-                route(a + 1)  # the kept positions t_{n-1}, d_1 .. d_a
-                kv.pos = n + a  # rollback: the slots of rejected drafts are overwritten by the next step
-                s = max(0, n + a - W)  # the next window ends at n + a - 1 and covers every entry built on a draft
+                a = sp.accept(sp.main(n - 1, n + k_use), qs, n, k_use)
+                sp.route(a + 1)  # the kept positions t_{n-1}, d_1 .. d_a
+                sp.kv.pos = n + a  # rollback: the slots of rejected drafts are overwritten by the next step
+                s = max(0, n + a - sp.W)  # the next window ends at n + a - 1 and covers every entry built on a draft
                 pending = [(proposed[:, j], j + 1) if j < k_use else (none, 0) for j in range(a + 1)]
                 tick()
             if trace is not None and N > P:  # route the last token too, as generate's loop does
-                main(N - 1, N)
-                route(1)
+                sp.main(N - 1, N)
+                sp.route(1)
     finally:
         model.train(was_training)
-        Routes.detach(moes, routes)
+        Routes.detach(sp.moes, sp.routes)

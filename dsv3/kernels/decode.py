@@ -32,7 +32,8 @@ GRAPHS = 64  # compiled graphs allowed per function: one per model shape, batch 
 
 
 def graphs_allowed():
-    """A context in which each compiled decoding function may hold up to GRAPHS graphs. A session (a notebook,
+    """A context in which each compiled decoding function may hold up to GRAPHS graphs (around a step's calls,
+    not each call: entering it costs). A session (a notebook,
     the playground, the tests) meets several model shapes and thread counts, and dynamo's default limit of 8
     graphs per function is a hard error under fullgraph."""
     import torch._dynamo
@@ -42,20 +43,11 @@ def graphs_allowed():
     return torch._dynamo.config.patch(recompile_limit=GRAPHS)
 
 
-def _allowing_graphs(fn):
-    @functools.wraps(fn)
-    def run(*args):
-        with graphs_allowed():
-            return fn(*args)
-
-    return run
-
-
 @functools.cache
 def compiled_step(step, device_type: str):
     """`step` (`model.static_step`, passed in: kernels/ imports no reference file) under torch.compile: one graph
     per module class (Block, MTPLayer) and shape."""
-    return _allowing_graphs(torch.compile(step, fullgraph=True, options=_options(device_type)))
+    return torch.compile(step, fullgraph=True, options=_options(device_type))
 
 
 def head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -72,4 +64,4 @@ def head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def compiled_head(device_type: str):
     """`head` under torch.compile."""
-    return _allowing_graphs(torch.compile(head, fullgraph=True, options=_options(device_type)))
+    return torch.compile(head, fullgraph=True, options=_options(device_type))
