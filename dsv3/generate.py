@@ -585,7 +585,7 @@ def _prompt_ids(args, model) -> list[int]:
 
 def _report(args, model, n_new: int, seconds: float, finish: str, drafted: int = 0, accepted: int = 0) -> str:
     """generate's line on stderr: tokens, tokens/s (prefill included, as the playground counts), why it stopped,
-    and with --speculative the drafts accepted."""
+    and with --speculative the drafts accepted and the draft vocabulary (how many of the head's rows it scored)."""
     rate = f"{n_new / seconds:.1f}" if seconds > 0 else "-"
     line = f"{n_new} token{'s' * (n_new != 1)} in {seconds:.2f} s, {rate} tokens/s"
     if finish == "length":
@@ -597,6 +597,10 @@ def _report(args, model, n_new: int, seconds: float, finish: str, drafted: int =
     if args.speculative:
         line += f"; drafts accepted {accepted}/{drafted}"
         line += f" ({accepted / drafted:.1%})" if drafted else ""
+        from .speculative import DRAFT_VOCAB, draft_rows
+
+        K = draft_rows(model, DRAFT_VOCAB if args.draft_vocab is None else args.draft_vocab)
+        line += f", draft vocabulary {K:,} of {model.cfg.vocab_size:,} tokens"
     return line
 
 

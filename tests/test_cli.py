@@ -244,6 +244,9 @@ def test_report_counts_tokens_and_the_speculative_drafts(mtp_run, capsys):
         rate = re.match(rf"{n} tokens? in ([\d.]+) s, ([\d.]+) tokens/s", err)
         assert rate and float(rate[2]) > 0, err
         assert f"drafts accepted {g.accepted}/{g.drafted} ({g.acceptance_rate:.1%})" in err
+        assert f"draft vocabulary {g.draft_vocab:,} of {m.cfg.vocab_size:,} tokens" in err  # the K generate used
+    assert main(argv + ["--draft-vocab", "64"]) == 0
+    assert "draft vocabulary 64 of 50,257 tokens" in capsys.readouterr().err
     # token ids: the drafts counted from generate_tokens' own list
     from dsv3.generate import generate_tokens
 
