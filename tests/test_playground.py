@@ -279,3 +279,4 @@ def test_speculative_checkbox_follows_the_model_and_keeps_the_greedy_text(model)
     ref = dsv3.generate(mtp_model, "ROMEO:", 10, temperature=0, return_trace=True)
     assert pg.generation.tokens == ref.tokens and pg.generation.drafted > 0
     assert re.search(rf"drafts accepted {pg.generation.accepted}/{pg.generation.drafted}", pg.status.value)
+    assert f"draft vocabulary {pg.generation.draft_vocab:,}" in pg.status.value
