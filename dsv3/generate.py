@@ -428,12 +428,18 @@ def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 2
         steps.close()
         out = [r.text for r in rows]
         return out if batch else out[0]
-    L = len(model.moe_layers())
     K = None
     if speculative:
         from .speculative import DRAFT_VOCAB, draft_rows
 
         K = draft_rows(model, DRAFT_VOCAB if draft_vocab is None else draft_vocab)
+    results = _generations(model, rows, chunks, drafts, depths, K)
+    return results if batch else results[0]
+
+
+def _generations(model, rows, chunks, drafts, depths, K) -> list[Generation]:
+    """One `Generation` per row from the loop's routing chunks and, with speculation, its drafts and their depths."""
+    L = len(model.moe_layers())
     ids = torch.cat([c[0] for c in chunks], dim=2).cpu() if chunks else None
     gates = torch.cat([c[1] for c in chunks], dim=2).cpu() if chunks else None
     P = max(len(r.prompt) for r in rows)
@@ -447,7 +453,7 @@ def generate(model: DeepSeekV3, prompt: str | list[str], max_new_tokens: int = 2
         results.append(Generation(r.text, tokens, len(r.prompt), r.token_texts, r.finish,
                                   ids[:, i, span] if ids is not None else empty.long(),
                                   gates[:, i, span] if gates is not None else empty, proposed, by, K))
-    return results if batch else results[0]
+    return results
 
 
 def stream(model: DeepSeekV3, prompt: str, max_new_tokens: int = 200, *, temperature: float = 1.0, top_k: int = 0,
