@@ -3,12 +3,12 @@
     python benchmarks/gemv.py [--preset 174m] [--reps 8]
 
 A batch-1 decoding step multiplies one row by every weight: matrix-vector products, bound by reading the
-weights. `DeepSeekV3.decode_step(compiled=True)` compiles its blocks with `dsv3.kernels.decode._options`
-(inductor's decompose_mm_pass: each one-row matmul becomes a fused multiply-reduce) and runs the head as the
-compiled multiply-reduce `dsv3.kernels.decode.head`. This times that step (random weights, 32 new tokens from
-position 32, interleaved repetitions, median ms per token) three ways:
-  before      blocks compiled with cpp_wrapper only (torch's BLAS, MKL on x86, for the matmuls), eager head
-  +blocks     blocks compiled with _decode_options, eager head
+weights. `DeepSeekV3.decode_step(compiled=True)` compiles its blocks with `dsv3.kernels.decode._options`, its
+one-row products written as multiply-reduces (`dsv3.kernels.linear.rows_inner`), and runs the head the same way
+(`dsv3.kernels.decode.head`). This times that step (random weights, 32 new tokens from position 32, interleaved
+repetitions, median ms per token) three ways:
+  before      blocks compiled with cpp_wrapper only, one-row products by torch's BLAS (MKL on x86), eager head
+  +blocks     blocks as decode_step compiles them, eager head
   +head       both: what decode_step runs
 and the head alone, eager F.linear vs compiled `head`, with the weight bytes read per second.
 """
@@ -21,6 +21,7 @@ from bench import interleaved
 
 import dsv3
 import dsv3.kernels.decode as dec
+import dsv3.kernels.linear as kl
 from dsv3.model import static_step
 
 
@@ -35,7 +36,7 @@ def main() -> None:
     model = dsv3.DeepSeekV3(cfg).eval()
     cache = model.new_cache(1, 2 * args.tokens)
     tok = torch.zeros(1, 1, dtype=torch.long)
-    compiled_block, compiled_head = dec.compiled_step, dec.compiled_head
+    compiled_block, compiled_head, inner_rows = dec.compiled_step, dec.compiled_head, kl.INNER_ROWS
     blocks = {
         "mkl": torch.compile(static_step, fullgraph=True, options={"cpp_wrapper": True}),
         "decompose": compiled_block(static_step, "cpu"),
@@ -46,6 +47,7 @@ def main() -> None:
 
     def variant(block, head):
         def run():
+            kl.INNER_ROWS = 0 if block == "mkl" else inner_rows  # "mkl": the table leaves one row to F.linear
             dec.compiled_step = lambda step, device_type: blocks[block]
             dec.compiled_head = head
             cache.pos = args.tokens
@@ -64,7 +66,7 @@ def main() -> None:
         with torch.no_grad():
             res = interleaved(fns, reps=args.reps, warmup=1)
     finally:
-        dec.compiled_step, dec.compiled_head = compiled_block, compiled_head
+        dec.compiled_step, dec.compiled_head, kl.INNER_ROWS = compiled_block, compiled_head, inner_rows
     print(f"{args.preset}, batch 1, fp32, threads {torch.get_num_threads()}: ms per token (median of {args.reps})")
     for name, r in res.items():
         ms = r["median"] / args.tokens * 1e3

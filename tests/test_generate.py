@@ -209,8 +209,6 @@ def test_compiled_decoding_equals_eager_in_one_graph_for_all_blocks(model):
             torch.testing.assert_close(a.gates, b.gates, atol=1e-5, rtol=1e-4)
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # the batch of two: two more
     assert not torch._dynamo.utils.counters["graph_break"]
-    # the batch-1 graph's matmuls became fused multiply-reduce loops (dsv3.model._decode_options)
-    assert torch._dynamo.utils.counters["inductor"]["decompose_mm"] > 0
     assert dsv3.generate(model, prompts[0], 24, temperature=0, compile=True) == ref[0].text
 
 

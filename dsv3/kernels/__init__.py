@@ -78,10 +78,13 @@ def fast_path(choose):
 def layers_linear(reference, x, weight, bias=None):
     """`layers.linear`, x W^T: oneDNN's GEMM (linear.py) for fp32 CPU tensors without bias, outside autocast and
     torch.compile, with at least linear.MIN_ROWS rows (one-token decoding keeps torch's matrix-vector product);
-    CPU inference on 2 to linear.FEW_ROWS rows (a decoding step of a few positions, eager or compiled) as W x^T
-    (`linear.few_rows`: the BLAS call streams the weight once for all rows)."""
+    CPU inference on a few rows (a decoding step of 1 to linear.FEW_ROWS positions), where the product must read
+    the weight once for all rows: under torch.compile `linear.rows_inner`, a multiply-reduce that inductor fuses
+    into one pass over W; eagerly, from 2 rows, W x^T (`linear.few_rows`: the BLAS call streams the weight)."""
     if bias is None and _linear.use_onednn(x, weight):
         return _linear.OneDNNLinear.apply(x, weight)
+    if bias is None and torch.compiler.is_compiling() and _linear.use_rows_inner(x, weight):
+        return _linear.rows_inner(x, weight)
     if bias is None and _linear.use_few_rows(x, weight):
         return _linear.few_rows(x, weight)
     return None

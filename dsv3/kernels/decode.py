@@ -16,16 +16,15 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .linear import few_rows, use_few_rows
+from .linear import few_rows, rows_inner, use_few_rows, use_rows_inner
 
 
 def _options(device_type: str) -> dict:
-    """Inductor options. On CPU the graph's launcher is C++ (cpp_wrapper), less overhead per small kernel, and
-    decompose_mm_pass turns each (1 x k) @ (k x n) product of a batch-1 step into a multiply-reduce loop fused
-    with its neighbours, which streams the weight once (`python benchmarks/gemv.py`). Elsewhere: the defaults."""
-    if device_type != "cpu":
-        return {}
-    return {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
+    """Inductor options. On CPU: the graph's launcher is C++ (cpp_wrapper), less overhead per small kernel; and
+    every buffer read more than once is computed once into memory (realize_reads_threshold=1), so that a
+    multiply-reduce over a weight (`linear.rows_inner`) reads its input rows, not a recomputation of the norm
+    before it per weight row. Elsewhere: the defaults."""
+    return {"cpp_wrapper": True, "realize_reads_threshold": 1} if device_type == "cpu" else {}
 
 
 GRAPHS = 64  # compiled graphs allowed per function: one per model shape, batch size and thread count met
@@ -51,11 +50,11 @@ def compiled_step(step, device_type: str):
 
 
 def head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """h W^T, the logits (B, T, rows of weight). On CPU, for one position in all as a multiply-reduce that inductor
-    fuses into one pass over the (vocab, dim) weight; for a few as W h^T (`linear.few_rows`), which reads the
-    weight once for all of them."""
-    if weight.device.type == "cpu" and h.shape[0] * h.shape[1] == 1:
-        return (h[..., None, :] * weight).sum(-1)
+    """h W^T, the logits (B, T, rows of weight). On CPU for a few positions in all, under torch.compile, as
+    `linear.rows_inner`, one fused pass over the (vocab, dim) weight for all of them; eagerly as W h^T
+    (`linear.few_rows`), which also reads the weight once."""
+    if torch.compiler.is_compiling() and use_rows_inner(h, weight):
+        return rows_inner(h, weight)
     if use_few_rows(h, weight):
         return few_rows(h, weight)
     return F.linear(h, weight)

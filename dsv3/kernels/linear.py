@@ -3,8 +3,10 @@ linears, for the forward and for dX = dY W; dW = dY^T X stays torch's matmul.
 
 `kernels.layers_linear` (kernels/__init__.py) takes it for fp32 CPU tensors without bias, outside autocast and
 torch.compile, with at least `MIN_ROWS` rows (`use_onednn`). `AVAILABLE` is False on torch builds without oneDNN.
-Inference on 2 to `FEW_ROWS` rows is computed as W x^T (`few_rows`): the BLAS call then streams the weight once
-for all rows, where x W^T of so few rows does not (`python benchmarks/mtp.py --curves 174m`).
+Inference on 1 to `FEW_ROWS` rows (a decoding step of a few positions) reads the weight once for all rows: eagerly
+as W x^T (`few_rows`, a BLAS call that streams the weight, where x W^T of so few rows does not), under torch.compile
+as a multiply-reduce laid out (N, rows) (`rows_inner`: inductor's loop reads each row of W once, for every row of
+x while it is in cache). `python benchmarks/mtp.py --curves 174m` times both against x W^T.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 MIN_ROWS = 16  # fewer rows: torch's own matmul
 FEW_ROWS = 8  # inference on 2 .. FEW_ROWS rows: W x^T
+INNER_ROWS = 1  # under torch.compile, inference on 1 .. INNER_ROWS rows: `rows_inner`
 
 
 def onednn_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -52,6 +55,19 @@ def few_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (w @ x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], w.shape[0])
 
 
-def use_few_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and not torch.is_grad_enabled() and 1 < x.numel() // x.shape[-1] <= FEW_ROWS
+def rows_inner(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x W^T for a handful of rows x (..., K) as sum_k W[n, k] x[t, k] computed into an (N, rows) layout, so that
+    the compiled loop over n reads W[n] once for all rows t (torch.compile only: eagerly it builds (N, rows, K))."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return (w[:, None, :] * x2).sum(-1).t().reshape(*x.shape[:-1], w.shape[0])
 
+
+def use_few_rows(x: torch.Tensor, w: torch.Tensor, least: int = 2) -> bool:
+    """Whether x W^T is CPU inference on `least` to FEW_ROWS rows."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and least <= x.numel() // x.shape[-1] <= FEW_ROWS
+
+
+
+def use_rows_inner(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x W^T is CPU inference on 1 to INNER_ROWS rows."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() // x.shape[-1] <= INNER_ROWS

@@ -36,3 +36,39 @@ def test_onednn_linear_matches_float64_and_runs_only_for_cpu_fp32_without_bias(m
     biased = layers.Linear(48, 40)
     assert torch.allclose(biased(x), F.linear(x, biased.weight, biased.bias))
     assert calls == []
+
+
+def test_few_row_products_match_float64_eager_and_compiled():
+    """The decoding step's few-row products: `rows_inner` (compiled, 1 row) and `few_rows` (2 .. FEW_ROWS rows)
+    equal x W^T in float64, eagerly and under torch.compile; and the table takes them only for CPU inference."""
+    torch.manual_seed(0)
+    w = torch.randn(300, 96)
+    compiled = torch.compile(layers.linear, fullgraph=True)
+    with torch.no_grad():
+        for rows in (1, 2, 3, kl.FEW_ROWS):
+            x = torch.randn(1, rows, 96)
+            want = (x.double() @ w.double().t()).float()
+            torch.testing.assert_close(kl.rows_inner(x, w), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(kl.few_rows(x, w), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(compiled(x, w), want, rtol=1e-5, atol=1e-5)
+        assert kl.use_rows_inner(torch.randn(1, 1, 96), w) and not kl.use_rows_inner(torch.randn(1, 2, 96), w)
+        assert kl.use_few_rows(torch.randn(1, 2, 96), w) and not kl.use_few_rows(torch.randn(1, 1, 96), w)
+        assert not kl.use_few_rows(torch.randn(1, kl.FEW_ROWS + 1, 96), w)
+    assert not kl.use_rows_inner(torch.randn(1, 1, 96), w)  # grad on: training keeps the reference
+
+
+def test_table_takes_rows_inner_for_one_row_under_compile(monkeypatch):
+    """`kernels.layers_linear` (the table): under torch.compile, CPU inference on one row takes `rows_inner`;
+    two rows take `few_rows`; with grad on, neither."""
+    import dsv3.kernels as kernels
+
+    took = []
+    monkeypatch.setattr(kl, "rows_inner", lambda x, w: took.append("rows_inner") or x @ w.t())
+    monkeypatch.setattr(kl, "few_rows", lambda x, w: took.append("few_rows") or x @ w.t())
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    w = torch.randn(40, 16)
+    with torch.no_grad():
+        kernels.layers_linear(layers.linear.reference, torch.randn(1, 1, 16), w)
+        kernels.layers_linear(layers.linear.reference, torch.randn(1, 2, 16), w)
+    assert kernels.layers_linear(layers.linear.reference, torch.randn(1, 1, 16), w) is None
+    assert took == ["rows_inner", "few_rows"]
