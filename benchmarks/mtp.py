@@ -14,6 +14,8 @@ and the cost curves that explain (b): (d) a T-position decoding step against T =
     python benchmarks/mtp.py --mtp-run runs/tiny-mtp1 --drafts 1,2,3 --draft-vocabs 0,8192,2048
     # (d) and (e) alone, on random weights (also from an older tree: PYTHONPATH=OLD_TREE python benchmarks/mtp.py):
     python benchmarks/mtp.py --curves 174m [--positions 1,2,3,4] [--draft-vocabs 0,32768,16384,8192,4096]
+    # (f) alone: what one MTP module adds to a training step
+    python benchmarks/mtp.py --train-cost 174m [--batch 2,256] [--reps 5]
 
 (a) greedy and sampled (temperature 0.8, top-k 50) speculative decoding of --prompts windows cut from the validation
     split: drafts accepted / drafts proposed, and tokens per main-model forward.
@@ -26,6 +28,8 @@ and the cost curves that explain (b): (d) a T-position decoding step against T =
     compiled, the cached forward eager); the ratio to T = 1 is what verifying D = T - 1 drafts costs.
 (e) the same model with one MTP module: ms of one MTP block step (D + 1 positions) and of the draft head over K rows
     (eager F.linear and the compiled head), against K.
+(f) random weights and tokens of --train-cost PRESET: ms of one fp32 training step (forward with the losses,
+    backward, AdamW) without and with one MTP module (its block and a second pass of the shared head).
 (c) both runs' last checkpoints on the same validation windows (`dsv3.evaluate`: the main head's CE), next to the
     steps and seconds each run trained. With --train both runs get the same --time budget; the MTP run's steps
     cost more (one more block and head), so it trains fewer of them.
@@ -186,6 +190,24 @@ def draft_costs(preset: str, vocabs, widths, reps: int, calls: int = 8) -> dict:
     return {n: round(v / calls, 3) for n, v in ms.items()}
 
 
+def train_step_costs(preset: str, mtp_layers, batch: int, seq: int, reps: int) -> dict:
+    """(f): ms of one training step (forward with the losses, backward, AdamW) of `preset` with each number of MTP
+    modules, random weights and tokens, fp32, the same weights for the trunk; interleaved."""
+    fns = {}
+    for D in mtp_layers:
+        torch.manual_seed(0)
+        model = dsv3.DeepSeekV3(dsv3.ModelConfig.preset(preset, n_mtp_layers=D))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randint(0, model.cfg.vocab_size, (batch, seq))
+
+        def step(model=model, opt=opt, x=x):
+            model(x, x.roll(-1, 1), return_logits=False).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        fns[f"train step D={D}"] = step
+    return _ms(fns, reps)
+
+
 def train_runs(out: Path, seconds: float, threads: int | None, eval_batches: int | None) -> tuple[Path, Path]:
     runs = []
     for d in (1, 0):
@@ -222,11 +244,20 @@ def main() -> None:
     ap.add_argument("--curves", metavar="PRESET", help="only (d) and (e), on random weights of this preset")
     ap.add_argument("--positions", default="1,2,3,4", help="(d): positions per step")
     ap.add_argument("--no-draft-curve", dest="draft_curve", action="store_false", help="(d) only")
-    ap.add_argument("--reps", type=int, default=5, help="(d), (e): interleaved repetitions")
+    ap.add_argument("--reps", type=int, default=5, help="(d), (e), (f): interleaved repetitions")
+    ap.add_argument("--train-cost", metavar="PRESET", help="only (f): a training step with 0 and 1 MTP modules")
+    ap.add_argument("--batch", default="2,256", help="(f): batch size, sequence length")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     ints = lambda s: [int(v) for v in s.split(",") if v.strip()]  # noqa: E731
+    if args.train_cost:
+        ms = train_step_costs(args.train_cost, [0, 1], *ints(args.batch), args.reps)
+        print(f"(f) {args.train_cost}: ms per training step, batch {args.batch}, fp32", flush=True)
+        for n, v in ms.items():
+            print(f"    {n:<16} {v:9.1f} ms  ({v / ms['train step D=0']:.2f}x D=0)", flush=True)
+        print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "train_ms": ms}))
+        return
     if args.curves:
         out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "preset": args.curves,
                "step_ms": step_costs(args.curves, ints(args.positions), args.reps)}
