@@ -23,7 +23,7 @@ from pathlib import Path
 def cmd_info(args) -> int:
     import torch
 
-    from .config import ModelConfig
+    from .config import FIELD_FLAGS, ModelConfig, SettingError
     from .model import DeepSeekV3, count_params
 
     if args.hf is not None and args.checkpoint is not None:
@@ -41,7 +41,10 @@ def cmd_info(args) -> int:
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"--checkpoint: {e}") from None
     else:
-        cfg = ModelConfig.preset(args.preset, **({"n_mtp_layers": args.mtp_layers} if args.mtp_layers else {}))
+        try:
+            cfg = ModelConfig.preset(args.preset, **({"n_mtp_layers": args.mtp_layers} if args.mtp_layers else {}))
+        except SettingError as e:  # "--mtp-layers must be >= 0", not the field's name
+            raise ValueError(e.named(FIELD_FLAGS.get)) from None
         name = f"preset {args.preset}"
     with torch.device("meta"):  # shapes only: no memory, no init time
         model = DeepSeekV3(cfg)

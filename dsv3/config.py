@@ -30,6 +30,12 @@ class SettingError(ValueError):
         return msg
 
 
+# The ModelConfig fields that the command line sets with flags of their own (`info --mtp-layers`, `train
+# --mtp-layers / --mtp-weight`; every other field: train's --set FIELD=VALUE): the map SettingError.named needs so that
+# an error about one of them names the flag the user typed (argparse's dest, mtp_layers, is not the field's name).
+FIELD_FLAGS = {"n_mtp_layers": "--mtp-layers", "mtp_loss_weight": "--mtp-weight"}
+
+
 def _need(ok: bool, msg: str) -> None:
     if not ok:
         raise SettingError(msg)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import umask_mode
-from .config import ModelConfig
+from .config import ModelConfig, SettingError
 from .model import DeepSeekV3
 from .names import hf_weights, latent_scale
 
@@ -167,7 +167,7 @@ def export_hf(model: DeepSeekV3, out_dir: str | Path) -> Path:
     config = hf_config(model)  # refuses before anything is written
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir must be a directory, got an existing file: {out}")
+        raise SettingError(f"out_dir must be a directory, got an existing file: {out}")
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         tensors = hf_state_dict(model)
@@ -189,5 +189,9 @@ def cmd_export_hf(args) -> int:
     except ImportError as e:  # transformers is an optional extra: a one-line error, like bad input
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SettingError as e:  # "--out must be a directory, ..."
+        raise ValueError(e.named({"out_dir": "--out"}.get)) from None
+    except OSError as e:  # a folder that cannot be made or written (a file on the path, no permission, a full disk)
+        raise OSError(f"--out {args.out}: cannot write the export there ({e.strerror or e})") from None
     print(f"wrote {hf_architecture(model.cfg)} ({sum(p.numel() for p in model.parameters()):,} parameters) to {out}")
     return 0

@@ -96,6 +96,16 @@ class Generation:
             rates.append(sum(kept) / len(kept) if kept else None)
         return rates
 
+    def acceptance_text(self, digits: int = 1) -> str:
+        """"accepted/drafted (rate)", with the rate of each depth when more than one drafted, as generate --speculative
+        and the playground report it: "41/60 (68.3%; by depth 80.0% / 56.7%)" ("0/0" when nothing was drafted)."""
+        if not self.drafted:
+            return f"{self.accepted}/{self.drafted}"
+        by = self.acceptance_by_depth()
+        depths = " / ".join("-" if r is None else f"{r:.{digits}%}" for r in by)
+        return (f"{self.accepted}/{self.drafted} ({self.acceptance_rate:.{digits}%}"
+                f"{f'; by depth {depths}' if len(by) > 1 else ''})")
+
     def top_experts(self) -> torch.Tensor:
         """(n_moe_layers, len(tokens)): the expert with the largest gate weight for each token."""
         if self.gates.shape[-1] == 0:  # a dense model routes nothing
@@ -589,9 +599,10 @@ def _prompt_ids(args, model) -> list[int]:
     return ([] if bos is None else [bos]) + enc.encode_ordinary(args.prompt) or [eot if eot is not None else 0]
 
 
-def _report(args, model, n_new: int, seconds: float, finish: str, drafted: int = 0, accepted: int = 0) -> str:
+def _report(args, model, n_new: int, seconds: float, finish: str, g: Generation | None = None) -> str:
     """generate's line on stderr: tokens, tokens/s (prefill included, as the playground counts), why it stopped,
-    and with --speculative the drafts accepted and the draft vocabulary (how many of the head's rows it scored)."""
+    and with --speculative (g: the run's Generation) the drafts accepted, in all and per depth when more than one
+    drafted, and the draft vocabulary (how many of the head's rows it scored)."""
     rate = f"{n_new / seconds:.1f}" if seconds > 0 else "-"
     line = f"{n_new} token{'s' * (n_new != 1)} in {seconds:.2f} s, {rate} tokens/s"
     if finish == "length":
@@ -601,8 +612,7 @@ def _report(args, model, n_new: int, seconds: float, finish: str, drafted: int =
     elif finish in ("eot", "stop"):
         line += "; stopped at <|endoftext|>" if finish == "eot" else "; stopped at a --stop string"
     if args.speculative:
-        line += f"; drafts accepted {accepted}/{drafted}"
-        line += f" ({accepted / drafted:.1%})" if drafted else ""
+        line += f"; drafts accepted {g.acceptance_text()}"
         from .speculative import DRAFT_VOCAB, draft_rows
 
         K = draft_rows(model, DRAFT_VOCAB if args.draft_vocab is None else args.draft_vocab)
@@ -610,21 +620,25 @@ def _report(args, model, n_new: int, seconds: float, finish: str, drafted: int =
     return line
 
 
-def _run_ids(args, model, ids: list[int], max_new: int) -> tuple[int, int, int]:
-    """--prompt-ids: print the generated ids; return (tokens, drafted, accepted)."""
+def _run_ids(args, model, ids: list[int], max_new: int) -> tuple[int, Generation | None]:
+    """--prompt-ids: print the generated ids; return how many, and with --speculative a Generation of the ids and
+    their drafts for the report (no texts: token ids in, token ids out)."""
     device = model.embed.weight.device
-    drafts = [] if args.speculative else None
+    drafts, depths = ([], []) if args.speculative else (None, None)
     try:
         steps = generate_tokens(model, torch.tensor([ids], device=device), max_new, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, cache=args.cache,
                                 compile=args.compile, speculative=args.speculative, draft_vocab=args.draft_vocab,
-                                n_drafts=args.drafts, drafts=drafts)
+                                n_drafts=args.drafts, drafts=drafts, draft_depths=depths)
     except ValueError as e:
         raise ValueError(_flagged(e)) from None
     out = [int(t) for t in steps]
     print(" ".join(map(str, out)))
-    pairs = [(int(d[0]), t) for d, t in zip(drafts, out, strict=True) if d[0] >= 0] if drafts is not None else []
-    return len(out), len(pairs), sum(d == t for d, t in pairs)
+    if drafts is None:
+        return len(out), None
+    proposed = [int(d[0]) if d[0] >= 0 else None for d in drafts]
+    return len(out), Generation("", ids + out, len(ids), [], "length", drafts=proposed,
+                                draft_depths=[k or None for k in depths])
 
 
 def _run_text(args, model, max_new: int):
@@ -668,11 +682,9 @@ def cmd_generate(args) -> int:
     max_new = args.max_new_tokens if args.max_new_tokens is not None else max(0, model.cfg.max_seq_len - len(ids))
     start = time.perf_counter()
     if args.prompt_ids is not None:
-        n_new, drafted, accepted = _run_ids(args, model, ids, max_new)
-        finish = "length"
+        (n_new, g), finish = _run_ids(args, model, ids, max_new), "length"
     else:
         g = _run_text(args, model, max_new)
         n_new, finish = len(g.tokens) - g.n_prompt, g.finish_reason
-        drafted, accepted = (g.drafted, g.accepted) if args.speculative else (0, 0)
-    print(_report(args, model, n_new, time.perf_counter() - start, finish, drafted, accepted), file=sys.stderr)
+    print(_report(args, model, n_new, time.perf_counter() - start, finish, g), file=sys.stderr)
     return 0

@@ -329,8 +329,7 @@ class Playground:
         count = len(g.tokens) - g.n_prompt
         self.status.value = status(FINISH.get(g.finish_reason, g.finish_reason))
         if speculative and g.drafted:
-            self.status.value += (f" · drafts accepted {g.accepted}/{g.drafted} ({g.acceptance_rate:.0%}), "
-                                  f"draft vocabulary {g.draft_vocab:,}")
+            self.status.value += f" · drafts accepted {g.acceptance_text(0)}, draft vocabulary {g.draft_vocab:,}"
         self.generation = g
         self.show_text()
         return g

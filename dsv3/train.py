@@ -56,7 +56,7 @@ from .checkpoint import (
     run_lock,
     save_checkpoint,
 )
-from .config import PRESETS, ModelConfig, SettingError
+from .config import FIELD_FLAGS, PRESETS, ModelConfig, SettingError
 from .data import TOKENIZER_NAME, BatchSampler, counts_tensor, load_tokens, split_tokens, token_counts, val_batches
 from .devices import DTYPES, autocast_dtype, describe, precision_name, resolve_device
 from .distributed import DataParallel, world_size_from_env
@@ -672,6 +672,7 @@ def cmd_train(args) -> int:
         over["model_overrides"] = mo | mtp
     over.pop("preset", None) if args.resume else None
     flags = {k: "--" + k.replace("_", "-") for k in vars(args) if k not in ("progress", "set", "func", "command")}
+    flags |= {k: FIELD_FLAGS[k] for k in mtp}  # model fields given by a flag of their own, not by --set
     try:
         h = train(resume=args.resume, **over)
     except FloatingPointError as e:

@@ -26,6 +26,14 @@ def small_cfg(**overrides) -> dsv3.ModelConfig:
     return dsv3.ModelConfig.preset("174m", **base)
 
 
+def depth_rates(drafts, depths, new) -> list[float]:
+    """Drafts kept / drafted per depth 1, 2, .. counted here from speculative decoding's raw lists: per generated
+    token in `new`, its draft and the depth that drafted it (depth None or 0: no draft)."""
+    D = max((k or 0 for k in depths), default=0)
+    kept = [[d == t for d, k, t in zip(drafts, depths, new, strict=True) if k == depth] for depth in range(1, D + 1)]
+    return [sum(k) / len(k) for k in kept]
+
+
 def make_moe(**overrides) -> dsv3.moe.MoE:
     """A MoE layer of `small_cfg` with weights large enough (std 0.2) that routing differs between tokens."""
     torch.manual_seed(123)

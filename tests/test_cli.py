@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import depth_rates
 
 import dsv3
 from dsv3 import data
@@ -38,6 +39,13 @@ def mtp_run(tmp_path_factory):
     torch.manual_seed(1)
     m = dsv3.DeepSeekV3(tiny(n_mtp_layers=1)).eval()
     return dsv3.save_checkpoint(tmp_path_factory.mktemp("mtp"), m, step=0).parent, m
+
+
+@pytest.fixture(scope="module")
+def mtp2_run(tmp_path_factory):
+    torch.manual_seed(2)
+    m = dsv3.DeepSeekV3(tiny(n_mtp_layers=2)).eval()
+    return dsv3.save_checkpoint(tmp_path_factory.mktemp("mtp2"), m, step=0).parent, m
 
 
 def one_line_error(capsys, argv) -> str:
@@ -183,16 +191,29 @@ LONG = " the" * 300  # > tiny's 256-token context
     (["generate", "--hf", "MISSING"], "--hf: "),
     (["info", "--checkpoint", "MISSING"], "--checkpoint: checkpoint"),
     (["info", "--checkpoint", "RUN", "--best"], "--checkpoint: no best checkpoint"),
-    (["info", "--mtp-layers", "-1"], "n_mtp_layers must be >= 0"),
+    (["info", "--mtp-layers", "-1"], "error: --mtp-layers must be >= 0, got -1"),  # the flag, not the field
+    (["train", "--mtp-layers", "-1", "--out", "MISSING"], "error: --mtp-layers must be >= 0, got -1"),
+    (["train", "--mtp-weight", "-1", "--out", "MISSING"], "error: --mtp-weight must be >= 0, got -1.0"),
+    (["train", "--set", "n_mtp_layers=-1", "--out", "MISSING"], "error: --set: n_mtp_layers must be >= 0"),
     (["train", "--device", "nodevice"], "--device 'nodevice' is not a device"),
     (["train", "--corpus", "MISSING"], "does not exist"),
-    (["export-hf", "--checkpoint", "RUN", "--out", "FILE/sub"], "Not a directory"),
+    (["export-hf", "--checkpoint", "RUN", "--out", "FILE/sub"], "cannot write the export there (Not a directory)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, words, run, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     subst = {"RUN": str(run[0]), "MISSING": str(tmp_path / "missing"), "FILE/sub": str(tmp_path / "file" / "sub")}
     argv = [subst.get(a, a) for a in argv]
     assert words in one_line_error(capsys, argv)
+
+
+def test_export_hf_names_out_when_it_cannot_write_there(run, tmp_path, capsys):
+    """A path through a file, or a file itself: one line naming --out and the problem, not a raw OS error."""
+    (tmp_path / "afile").write_text("x")
+    sub = tmp_path / "afile" / "sub"
+    err = one_line_error(capsys, ["export-hf", "--checkpoint", str(run[0]), "--out", str(sub)])
+    assert err == f"error: --out {sub}: cannot write the export there (Not a directory)\n"
+    err = one_line_error(capsys, ["export-hf", "--checkpoint", str(run[0]), "--out", str(tmp_path / "afile")])
+    assert err == f"error: --out must be a directory, got an existing file: {tmp_path / 'afile'}\n"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -243,7 +264,7 @@ def test_report_counts_tokens_and_the_speculative_drafts(mtp_run, capsys):
         n = len(g.tokens) - g.n_prompt
         rate = re.match(rf"{n} tokens? in ([\d.]+) s, ([\d.]+) tokens/s", err)
         assert rate and float(rate[2]) > 0, err
-        assert f"drafts accepted {g.accepted}/{g.drafted} ({g.acceptance_rate:.1%})" in err
+        assert f"drafts accepted {g.accepted}/{g.drafted} ({g.acceptance_rate:.1%})" in err  # D = 1: no depths
         assert f"draft vocabulary {g.draft_vocab:,} of {m.cfg.vocab_size:,} tokens" in err  # the K generate used
     assert main(argv + ["--draft-vocab", "64"]) == 0
     assert "draft vocabulary 64 of 50,257 tokens" in capsys.readouterr().err
@@ -259,6 +280,35 @@ def test_report_counts_tokens_and_the_speculative_drafts(mtp_run, capsys):
     out, err = capsys.readouterr()
     assert out.split() == [str(t) for t in ids]
     assert f"drafts accepted {sum(d == t for d, t in pairs)}/{len(pairs)}" in err
+
+
+def test_report_gives_the_acceptance_of_each_draft_depth(mtp2_run, capsys):
+    """Two drafts per round: the report adds each depth's acceptance, the rates acceptance_by_depth() gives for the
+    same seeded run, here counted from the raw drafts and depths (text and token ids alike)."""
+    from dsv3.generate import generate_tokens
+
+    path, m = mtp2_run
+    g = dsv3.generate(m, "JULIET:", 30, temperature=0.9, seed=5, speculative=True, return_trace=True)
+    rates = depth_rates(g.drafts, g.draft_depths, g.tokens[g.n_prompt:])
+    assert len(rates) == 2 and g.acceptance_by_depth() == rates
+    argv = ["generate", "--checkpoint", str(path), "--max-new-tokens", "30", "--seed", "5", "--temperature", "0.9",
+            "--speculative"]
+    assert main(argv + ["--prompt", "JULIET:"]) == 0
+    err = capsys.readouterr().err
+    assert (f"; drafts accepted {g.accepted}/{g.drafted} ({g.acceptance_rate:.1%}; by depth {rates[0]:.1%} / "
+            f"{rates[1]:.1%}), draft vocabulary ") in err
+    drafts, depths = [], []
+    ids = [int(t) for t in generate_tokens(m, torch.tensor([[1, 2, 3]]), 30, temperature=0.9, seed=5,
+                                           speculative=True, drafts=drafts, draft_depths=depths)]
+    drafts = [int(d[0]) for d in drafts]
+    rates = depth_rates(drafts, depths, ids)
+    kept = sum(d == t for d, k, t in zip(drafts, depths, ids, strict=True) if k)
+    assert len(rates) == 2
+    assert main(argv + ["--prompt-ids", "1 2 3"]) == 0
+    out, err = capsys.readouterr()
+    assert out.split() == [str(t) for t in ids]
+    assert (f"; drafts accepted {kept}/{sum(map(bool, depths))} ({kept / sum(map(bool, depths)):.1%}; by depth "
+            f"{rates[0]:.1%} / {rates[1]:.1%}), draft vocabulary ") in err
 
 
 def test_plain_generate_reports_without_drafts(run, capsys):

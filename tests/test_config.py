@@ -63,6 +63,19 @@ def test_bad_configs_name_the_problem(call, words):
         call()
 
 
+def test_fields_with_flags_of_their_own_are_named_by_them():
+    """FIELD_FLAGS: the fields the command line sets with their own flag, so an error names that flag (argparse's
+    dest, mtp_layers, is not the field's name, so the CLIs cannot derive it)."""
+    from dataclasses import fields
+
+    from dsv3.config import FIELD_FLAGS, SettingError
+
+    assert set(FIELD_FLAGS) <= {f.name for f in fields(dsv3.ModelConfig)}
+    with pytest.raises(SettingError) as e:
+        dsv3.ModelConfig.preset("tiny", n_mtp_layers=-1)
+    assert e.value.named(FIELD_FLAGS.get) == "--mtp-layers must be >= 0, got -1"
+
+
 def test_info_cli(capsys):
     assert main(["info", "--preset", "174m", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from conftest import depth_rates
 
 import dsv3
 from dsv3.data import get_tokenizer
@@ -280,3 +281,20 @@ def test_speculative_checkbox_follows_the_model_and_keeps_the_greedy_text(model)
     assert pg.generation.tokens == ref.tokens and pg.generation.drafted > 0
     assert re.search(rf"drafts accepted {pg.generation.accepted}/{pg.generation.drafted}", pg.status.value)
     assert f"draft vocabulary {pg.generation.draft_vocab:,}" in pg.status.value
+    assert "by depth" not in pg.status.value  # one draft per round: the total is depth 1's
+
+
+def test_status_line_gives_the_acceptance_of_each_draft_depth():
+    """Two MTP modules, so two drafts per round: the status line adds each depth's acceptance, the rates that
+    acceptance_by_depth() gives, here counted from the run's own drafts and depths."""
+    torch.manual_seed(0)
+    pg = Playground(dsv3.DeepSeekV3(dsv3.ModelConfig.preset("tiny", n_layers=1, n_mtp_layers=2)).eval())
+    pg.prompt.value, pg.max_new_tokens.value, pg.temperature.value, pg.seed.value = "ROMEO:", 30, 0.9, 5
+    pg.speculative.value = True
+    pg.on_generate()
+    pg.join(60)
+    g = pg.generation
+    rates = depth_rates(g.drafts, g.draft_depths, g.tokens[g.n_prompt:])
+    assert len(rates) == 2 and g.acceptance_by_depth() == rates
+    assert (f" · drafts accepted {g.accepted}/{g.drafted} ({g.accepted / g.drafted:.0%}; by depth {rates[0]:.0%} / "
+            f"{rates[1]:.0%}), draft vocabulary {g.draft_vocab:,}") in pg.status.value
