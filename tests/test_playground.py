@@ -289,12 +289,16 @@ def test_status_line_gives_the_acceptance_of_each_draft_depth():
     acceptance_by_depth() gives, here counted from the run's own drafts and depths."""
     torch.manual_seed(0)
     pg = Playground(dsv3.DeepSeekV3(dsv3.ModelConfig.preset("tiny", n_layers=1, n_mtp_layers=2)).eval())
-    pg.prompt.value, pg.max_new_tokens.value, pg.temperature.value, pg.seed.value = "ROMEO:", 30, 0.9, 5
+    pg.prompt.value, pg.max_new_tokens.value, pg.temperature.value = "ROMEO:", 30, 0.9
     pg.speculative.value = True
-    pg.on_generate()
-    pg.join(60)
-    g = pg.generation
-    rates = depth_rates(g.drafts, g.draft_depths, g.tokens[g.n_prompt:])
+    for seed in range(20):  # random weights: the first seed whose run kept a depth-1 draft, so depth 2 drafted too
+        pg.seed.value = seed
+        pg.on_generate()
+        pg.join(60)
+        g = pg.generation
+        rates = depth_rates(g.drafts, g.draft_depths, g.tokens[g.n_prompt:])
+        if len(rates) == 2:
+            break
     assert len(rates) == 2 and g.acceptance_by_depth() == rates
     assert (f" · drafts accepted {g.accepted}/{g.drafted} ({g.accepted / g.drafted:.0%}; by depth {rates[0]:.0%} / "
             f"{rates[1]:.0%}), draft vocabulary {g.draft_vocab:,}") in pg.status.value
