@@ -83,10 +83,8 @@ def layers_linear(reference, x, weight, bias=None):
     into one pass over W; eagerly, from 2 rows, W x^T (`linear.few_rows`: the BLAS call streams the weight)."""
     if bias is None and _linear.use_onednn(x, weight):
         return _linear.OneDNNLinear.apply(x, weight)
-    if bias is None and torch.compiler.is_compiling() and _linear.use_rows_inner(x, weight):
-        return _linear.rows_inner(x, weight)
-    if bias is None and _linear.use_few_rows(x, weight):
-        return _linear.few_rows(x, weight)
+    if bias is None and (product := _linear.for_few_rows(x, weight)) is not None:
+        return product(x, weight)
     return None
 
 

@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .linear import few_rows, rows_inner, use_few_rows, use_rows_inner
+from .linear import for_few_rows
 
 
 def _options(device_type: str) -> dict:
@@ -50,14 +50,9 @@ def compiled_step(step, device_type: str):
 
 
 def head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """h W^T, the logits (B, T, rows of weight). On CPU for a few positions in all, under torch.compile, as
-    `linear.rows_inner`, one fused pass over the (vocab, dim) weight for all of them; eagerly as W h^T
-    (`linear.few_rows`), which also reads the weight once."""
-    if torch.compiler.is_compiling() and use_rows_inner(h, weight):
-        return rows_inner(h, weight)
-    if use_few_rows(h, weight):
-        return few_rows(h, weight)
-    return F.linear(h, weight)
+    """h W^T, the logits (B, T, rows of weight): on CPU for a few positions in all, the product that reads the
+    (vocab, dim) weight once for all of them (`linear.for_few_rows`, as the blocks' projections)."""
+    return (for_few_rows(h, weight) or F.linear)(h, weight)
 
 
 @functools.cache

@@ -62,12 +62,12 @@ def rows_inner(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (w[:, None, :] * x2).sum(-1).t().reshape(*x.shape[:-1], w.shape[0])
 
 
-def use_few_rows(x: torch.Tensor, w: torch.Tensor, least: int = 2) -> bool:
-    """Whether x W^T is CPU inference on `least` to FEW_ROWS rows."""
-    return x.device.type == "cpu" and not torch.is_grad_enabled() and least <= x.numel() // x.shape[-1] <= FEW_ROWS
-
-
-
-def use_rows_inner(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether x W^T is CPU inference on 1 to INNER_ROWS rows."""
-    return x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() // x.shape[-1] <= INNER_ROWS
+def for_few_rows(x: torch.Tensor, w: torch.Tensor):
+    """The product that reads w once for all rows of x when x W^T is CPU inference on a few rows (a decoding
+    step): under torch.compile `rows_inner` for 1 to INNER_ROWS rows, `few_rows` for 2 to FEW_ROWS; else None."""
+    if x.device.type != "cpu" or torch.is_grad_enabled():
+        return None
+    rows = x.numel() // x.shape[-1]
+    if rows <= INNER_ROWS and torch.compiler.is_compiling():
+        return rows_inner
+    return few_rows if 2 <= rows <= FEW_ROWS else None

@@ -51,10 +51,10 @@ def test_few_row_products_match_float64_eager_and_compiled():
             torch.testing.assert_close(kl.rows_inner(x, w), want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(kl.few_rows(x, w), want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(compiled(x, w), want, rtol=1e-5, atol=1e-5)
-        assert kl.use_rows_inner(torch.randn(1, 1, 96), w) and not kl.use_rows_inner(torch.randn(1, 2, 96), w)
-        assert kl.use_few_rows(torch.randn(1, 2, 96), w) and not kl.use_few_rows(torch.randn(1, 1, 96), w)
-        assert not kl.use_few_rows(torch.randn(1, kl.FEW_ROWS + 1, 96), w)
-    assert not kl.use_rows_inner(torch.randn(1, 1, 96), w)  # grad on: training keeps the reference
+        assert kl.for_few_rows(torch.randn(1, 2, 96), w) is kl.few_rows
+        assert kl.for_few_rows(torch.randn(1, 1, 96), w) is None  # eager: torch's matrix-vector product
+        assert kl.for_few_rows(torch.randn(1, kl.FEW_ROWS + 1, 96), w) is None
+    assert kl.for_few_rows(torch.randn(1, 2, 96), w) is None  # grad on: training keeps the reference
 
 
 def test_table_takes_rows_inner_for_one_row_under_compile(monkeypatch):
