@@ -79,8 +79,9 @@ def layers_linear(reference, x, weight, bias=None):
     """`layers.linear`, x W^T: oneDNN's GEMM (linear.py) for fp32 CPU tensors without bias, outside autocast and
     torch.compile, with at least linear.MIN_ROWS rows (one-token decoding keeps torch's matrix-vector product);
     CPU inference on a few rows (a decoding step of 1 to linear.FEW_ROWS positions), where the product must read
-    the weight once for all rows: under torch.compile `linear.rows_inner`, a multiply-reduce that inductor fuses
-    into one pass over W; eagerly, from 2 rows, W x^T (`linear.few_rows`: the BLAS call streams the weight)."""
+    the weight once for all rows: under torch.compile `linear.rows_inner`, one multiply-reduce per row that
+    inductor fuses into one pass over W; eagerly, from 2 rows, W x^T (`linear.few_rows`: the BLAS call streams
+    the weight)."""
     if bias is None and _linear.use_onednn(x, weight):
         return _linear.OneDNNLinear.apply(x, weight)
     if bias is None and (product := _linear.for_few_rows(x, weight)) is not None:

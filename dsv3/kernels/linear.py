@@ -5,8 +5,8 @@ linears, for the forward and for dX = dY W; dW = dY^T X stays torch's matmul.
 torch.compile, with at least `MIN_ROWS` rows (`use_onednn`). `AVAILABLE` is False on torch builds without oneDNN.
 Inference on 1 to `FEW_ROWS` rows (a decoding step of a few positions) reads the weight once for all rows: eagerly
 as W x^T (`few_rows`, a BLAS call that streams the weight, where x W^T of so few rows does not), under torch.compile
-as a multiply-reduce laid out (N, rows) (`rows_inner`: inductor's loop reads each row of W once, for every row of
-x while it is in cache). `python benchmarks/mtp.py --curves 174m` times both against x W^T.
+as one multiply-reduce per row (`rows_inner`: inductor fuses them into one loop that reads each row of W once, for
+every row of x). `python benchmarks/mtp.py --curves 174m` times both against x W^T.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 MIN_ROWS = 16  # fewer rows: torch's own matmul
 FEW_ROWS = 8  # inference on 2 .. FEW_ROWS rows: W x^T
-INNER_ROWS = 1  # under torch.compile, inference on 1 .. INNER_ROWS rows: `rows_inner`
+INNER_ROWS = 8  # under torch.compile, inference on 1 .. INNER_ROWS rows: `rows_inner` (0: as eagerly)
 
 
 def onednn_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -56,15 +56,17 @@ def few_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def rows_inner(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x W^T for a handful of rows x (..., K) as sum_k W[n, k] x[t, k] computed into an (N, rows) layout, so that
-    the compiled loop over n reads W[n] once for all rows t (torch.compile only: eagerly it builds (N, rows, K))."""
+    """x W^T for a handful of rows x (..., K) as one multiply-reduce sum_k W[n, k] x[t, k] per row t, which
+    inductor fuses into one loop over n that reads W[n] once for all rows (torch.compile only: eagerly each row
+    builds an (N, K) product)."""
     x2 = x.reshape(-1, x.shape[-1])
-    return (w[:, None, :] * x2).sum(-1).t().reshape(*x.shape[:-1], w.shape[0])
+    return torch.stack([(w * r).sum(-1) for r in x2]).reshape(*x.shape[:-1], w.shape[0])
 
 
 def for_few_rows(x: torch.Tensor, w: torch.Tensor):
     """The product that reads w once for all rows of x when x W^T is CPU inference on a few rows (a decoding
-    step): under torch.compile `rows_inner` for 1 to INNER_ROWS rows, `few_rows` for 2 to FEW_ROWS; else None."""
+    step): under torch.compile `rows_inner` for 1 to INNER_ROWS rows, otherwise `few_rows` for 2 to FEW_ROWS;
+    else None."""
     if x.device.type != "cpu" or torch.is_grad_enabled():
         return None
     rows = x.numel() // x.shape[-1]
