@@ -20,9 +20,9 @@ and the cost curves that explain (b): (d) a T-position decoding step against T =
 (a) greedy and sampled (temperature 0.8, top-k 50) speculative decoding of --prompts windows cut from the validation
     split: drafts accepted / drafts proposed, and tokens per main-model forward.
 (b) batch 1, greedy, per prompt in turn: plain and speculative, eager and compiled (compile=True: the one-token
-    steps, and speculation's verifying forwards, run torch.compile'd static-shape blocks; the MTP block and the
-    prompt stay eager): new tokens / wall seconds of the whole generate_tokens call (prefill included), median
-    over prompts x --repeats. The modes alternate prompt by prompt, so load on a shared machine hits all.
+    steps, speculation's verifying steps and its MTP drafting steps run torch.compile'd static-shape blocks and
+    head; the prompt stays eager): new tokens / wall seconds of the whole generate_tokens call (prefill included),
+    median over prompts x --repeats. The modes alternate prompt by prompt, so load on a shared machine hits all.
 (d) random weights of --curves PRESET, batch 1, cache position 128 of 256: ms per step of T new positions, eager
     and compiled (`DeepSeekV3.decode`; an older tree without it: the step it had, `decode_step` / `verify_compiled`
     compiled, the cached forward eager); the ratio to T = 1 is what verifying D = T - 1 drafts costs.
@@ -117,7 +117,8 @@ def _ms(fn, reps: int) -> dict:
 
 def step_costs(preset: str, positions, reps: int, calls: int = 8) -> dict:
     """(d): ms per decoding step of T positions, batch 1, random weights, at cache position 128 of 256; where the
-    kernels compute few-row products as W x^T, also "xWt": the same step with them as x W^T."""
+    kernels compute few-row products their own way (kernels/linear.py), also "xWt": the same step with every
+    few-row product as torch's x W^T."""
     import dsv3.kernels.linear as kernels_linear
     from dsv3.kernels.decode import graphs_allowed
 
@@ -140,21 +141,24 @@ def step_costs(preset: str, positions, reps: int, calls: int = 8) -> dict:
                 def step(toks=toks):
                     model(toks, cache=cache, last_logits=False)
 
-            def run(step=step, rows=None):
-                few = getattr(kernels_linear, "FEW_ROWS", None)
-                if rows is not None:  # the few-row products as x W^T (FEW_ROWS = 1), for comparison
-                    kernels_linear.FEW_ROWS = rows
+            def run(step=step, xwt=False):
+                saved = {n: getattr(kernels_linear, n) for n in ("FEW_ROWS", "INNER_ROWS")
+                         if hasattr(kernels_linear, n)}
+                if xwt:  # every few-row product as torch's x W^T, for comparison
+                    for n, off in (("FEW_ROWS", 1), ("INNER_ROWS", 0)):
+                        if n in saved:
+                            setattr(kernels_linear, n, off)
                 try:
                     for _ in range(calls):
                         cache.pos = 128
                         step()
                 finally:
-                    if few is not None:
-                        kernels_linear.FEW_ROWS = few
+                    for n, v in saved.items():
+                        setattr(kernels_linear, n, v)
             name = f"T={T} {'compiled' if compiled else 'eager'}"
             fns[name] = run
-            if T > 1 and hasattr(kernels_linear, "FEW_ROWS"):
-                fns[f"{name} xWt"] = lambda run=run: run(rows=1)
+            if (T > 1 or compiled) and hasattr(kernels_linear, "FEW_ROWS"):
+                fns[f"{name} xWt"] = lambda run=run: run(xwt=True)
     with torch.inference_mode(), graphs_allowed():
         ms = _ms(fns, reps)
     return {n: round(v / calls, 3) for n, v in ms.items()}
