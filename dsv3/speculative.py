@@ -36,7 +36,7 @@ from .sampling import accept_ratio, draw, probabilities, residual, sample
 from .threads import governed
 from .trace import Routes
 
-DRAFT_VOCAB = 8192  # default K: the draft scores the 8192 most frequent tokens' rows of the head (benchmarks/README)
+DRAFT_VOCAB = 4096  # default K: the draft scores the 4096 most frequent tokens' rows of the head (benchmarks/README)
 
 
 def vocabulary_ranking(model) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import dsv3
 from dsv3.generate import generate_tokens, probabilities
 from dsv3.model import count_params
-from dsv3.speculative import judge
+from dsv3.speculative import DRAFT_VOCAB, judge
 from dsv3.trace import Routes
 
 SMALL = dict(vocab_size=32, dim=32, n_layers=2, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
@@ -294,7 +294,7 @@ def test_generate_and_stream_with_speculative_report_drafts():
                                                                                   strict=True))
         assert s.acceptance_rate == s.accepted / s.drafted
         assert torch.equal(s.expert_ids, p.expert_ids)
-        assert s.draft_vocab == 8192 and p.draft_vocab is None  # the default K of a 50,257-token vocabulary
+        assert s.draft_vocab == DRAFT_VOCAB < 50257 and p.draft_vocab is None  # the default K: a part of the head
         by = s.acceptance_by_depth()  # per draft position: depth 1 drafts every round, depth 2 after a keep
         assert set(s.draft_depths) <= {None, 1, 2} and s.draft_depths[0] is None and 1 <= len(by) <= 2
         for depth, rate in enumerate(by, start=1):
