@@ -36,10 +36,10 @@ def main() -> None:
     model = dsv3.DeepSeekV3(cfg).eval()
     cache = model.new_cache(1, 2 * args.tokens)
     tok = torch.zeros(1, 1, dtype=torch.long)
-    compiled_block, compiled_head, inner_rows = dec.compiled_step, dec.compiled_head, kl.INNER_ROWS
+    compiled_block, compiled_head, few = dec.compiled_step, dec.compiled_head, kl.FEW_ROWS
     blocks = {
         "mkl": torch.compile(static_step, fullgraph=True, options={"cpp_wrapper": True}),
-        "decompose": compiled_block(static_step, "cpu"),
+        "dsv3": compiled_block(static_step, "cpu"),
     }
 
     def eager_head(device_type):
@@ -47,7 +47,7 @@ def main() -> None:
 
     def variant(block, head):
         def run():
-            kl.INNER_ROWS = 0 if block == "mkl" else inner_rows  # "mkl": the table leaves one row to F.linear
+            kl.FEW_ROWS = 0 if block == "mkl" else few  # "mkl": the table leaves the row to F.linear
             dec.compiled_step = lambda step, device_type: blocks[block]
             dec.compiled_head = head
             cache.pos = args.tokens
@@ -55,8 +55,8 @@ def main() -> None:
                 model.decode_step(tok, cache, compiled=True)
         return run
 
-    fns = {"before": variant("mkl", eager_head), "+blocks": variant("decompose", eager_head),
-           "+head": variant("decompose", compiled_head)}
+    fns = {"before": variant("mkl", eager_head), "+blocks": variant("dsv3", eager_head),
+           "+head": variant("dsv3", compiled_head)}
     w = model.head.weight
     x = torch.randn(1, 1, cfg.dim)
     head_fn = compiled_head("cpu")
@@ -66,7 +66,7 @@ def main() -> None:
         with torch.no_grad():
             res = interleaved(fns, reps=args.reps, warmup=1)
     finally:
-        dec.compiled_step, dec.compiled_head, kl.INNER_ROWS = compiled_block, compiled_head, inner_rows
+        dec.compiled_step, dec.compiled_head, kl.FEW_ROWS = compiled_block, compiled_head, few
     print(f"{args.preset}, batch 1, fp32, threads {torch.get_num_threads()}: ms per token (median of {args.reps})")
     for name, r in res.items():
         ms = r["median"] / args.tokens * 1e3

@@ -142,19 +142,16 @@ def step_costs(preset: str, positions, reps: int, calls: int = 8) -> dict:
                     model(toks, cache=cache, last_logits=False)
 
             def run(step=step, xwt=False):
-                saved = {n: getattr(kernels_linear, n) for n in ("FEW_ROWS", "INNER_ROWS")
-                         if hasattr(kernels_linear, n)}
-                if xwt:  # every few-row product as torch's x W^T, for comparison
-                    for n, off in (("FEW_ROWS", 1), ("INNER_ROWS", 0)):
-                        if n in saved:
-                            setattr(kernels_linear, n, off)
+                few = getattr(kernels_linear, "FEW_ROWS", None)
+                if xwt:  # every few-row product as torch's x W^T (FEW_ROWS = 0), for comparison
+                    kernels_linear.FEW_ROWS = 0
                 try:
                     for _ in range(calls):
                         cache.pos = 128
                         step()
                 finally:
-                    for n, v in saved.items():
-                        setattr(kernels_linear, n, v)
+                    if few is not None:
+                        kernels_linear.FEW_ROWS = few
             name = f"T={T} {'compiled' if compiled else 'eager'}"
             fns[name] = run
             if (T > 1 or compiled) and hasattr(kernels_linear, "FEW_ROWS"):

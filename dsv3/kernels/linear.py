@@ -15,8 +15,7 @@ import torch
 
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 MIN_ROWS = 16  # fewer rows: torch's own matmul
-FEW_ROWS = 8  # inference on 2 .. FEW_ROWS rows: W x^T
-INNER_ROWS = 8  # under torch.compile, inference on 1 .. INNER_ROWS rows: `rows_inner` (0: as eagerly)
+FEW_ROWS = 8  # inference on at most this many rows: `rows_inner` compiled, `few_rows` eagerly (0: neither)
 
 
 def onednn_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -64,12 +63,11 @@ def rows_inner(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def for_few_rows(x: torch.Tensor, w: torch.Tensor):
-    """The product that reads w once for all rows of x when x W^T is CPU inference on a few rows (a decoding
-    step): under torch.compile `rows_inner` for 1 to INNER_ROWS rows, otherwise `few_rows` for 2 to FEW_ROWS;
-    else None."""
-    if x.device.type != "cpu" or torch.is_grad_enabled():
-        return None
+    """The product that reads w once for all rows of x when x W^T is CPU inference on 1 to FEW_ROWS rows (a
+    decoding step): `rows_inner` under torch.compile, `few_rows` eagerly from 2 rows; else None."""
     rows = x.numel() // x.shape[-1]
-    if rows <= INNER_ROWS and torch.compiler.is_compiling():
+    if x.device.type != "cpu" or torch.is_grad_enabled() or rows > FEW_ROWS:
+        return None
+    if torch.compiler.is_compiling():
         return rows_inner
-    return few_rows if 2 <= rows <= FEW_ROWS else None
+    return few_rows if rows >= 2 else None

@@ -39,7 +39,7 @@ def test_onednn_linear_matches_float64_and_runs_only_for_cpu_fp32_without_bias(m
 
 
 def test_few_row_products_match_float64_eager_and_compiled():
-    """The decoding step's few-row products: `rows_inner` (compiled, 1 .. INNER_ROWS rows) and `few_rows` (eager)
+    """The decoding step's few-row products: `rows_inner` (compiled) and `few_rows` (eager)
     equal x W^T in float64, eagerly and under torch.compile; and the table takes them only for CPU inference."""
     torch.manual_seed(0)
     w = torch.randn(300, 96)
@@ -57,19 +57,21 @@ def test_few_row_products_match_float64_eager_and_compiled():
     assert kl.for_few_rows(torch.randn(1, 2, 96), w) is None  # grad on: training keeps the reference
 
 
-def test_table_takes_rows_inner_for_up_to_inner_rows_under_compile(monkeypatch):
-    """`kernels.layers_linear` (the table): under torch.compile, CPU inference on 1 .. INNER_ROWS rows takes
-    `rows_inner`, more rows (up to FEW_ROWS) `few_rows`; with grad on, neither."""
+def test_table_takes_rows_inner_for_up_to_few_rows_under_compile(monkeypatch):
+    """`kernels.layers_linear` (the table): CPU inference on 1 .. FEW_ROWS rows takes `rows_inner` under
+    torch.compile and, from 2 rows, `few_rows` eagerly; more rows, or grad on, neither."""
     import dsv3.kernels as kernels
 
     took = []
     monkeypatch.setattr(kl, "rows_inner", lambda x, w: took.append("rows_inner") or x @ w.t())
     monkeypatch.setattr(kl, "few_rows", lambda x, w: took.append("few_rows") or x @ w.t())
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    monkeypatch.setattr(kl, "INNER_ROWS", 2)
+    monkeypatch.setattr(kl, "FEW_ROWS", 2)
     w = torch.randn(40, 16)
     with torch.no_grad():
-        for rows in (1, 2, 3):
+        kernels.layers_linear(layers.linear.reference, torch.randn(1, 2, 16), w)  # eager
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        for rows in (1, 2):
             kernels.layers_linear(layers.linear.reference, torch.randn(1, rows, 16), w)
+        assert kernels.layers_linear(layers.linear.reference, torch.randn(1, 3, 16), w) is None
     assert kernels.layers_linear(layers.linear.reference, torch.randn(1, 1, 16), w) is None
-    assert took == ["rows_inner", "rows_inner", "few_rows"]
+    assert took == ["few_rows", "rows_inner", "rows_inner"]
